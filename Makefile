@@ -36,9 +36,11 @@ test: setup lint
 test-fast: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# Interim quickstart until `palate run` lands: SFT on HH demonstrations, then sample from the result.
 demo: setup
+	$(VENV)/bin/palate sft examples/quickstart-sft.yaml
 	$(VENV)/bin/palate generate examples/quickstart.yaml
-	@echo "responses: runs/quickstart/generate/responses.jsonl"
+	@echo "SFT samples: runs/quickstart/sft/samples/  responses: runs/quickstart/generate/responses.jsonl"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -6,3 +6,8 @@ One module per step: :mod:`palate.sft`, :mod:`palate.reward`, :mod:`palate.ppo`,
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# Raised inside peft/transformers on every LoRA save; nothing a palate user can act on.
+_warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

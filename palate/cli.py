@@ -83,7 +83,8 @@ def stage(
         ) -> None:
             cfg = load_config(config_cls, config, set_ or [])
             summary = fn(cfg)
-            emit(summary, as_json, title=f"palate {name}")
+            if os.environ.get("RANK", "0") == "0":  # one summary under multi-process launches
+                emit(summary, as_json, title=f"palate {name}")
 
         command.__doc__ = help
         app.command(name, help=help)(command)
@@ -190,6 +191,15 @@ stage(
     GenerateConfig,
     "Sample responses from a model for a file of prompts (writes responses.jsonl).",
 )(generate)
+
+
+from palate.sft import SFTConfig, sft  # noqa: E402
+
+stage(
+    "sft",
+    SFTConfig,
+    "Supervised fine-tuning on demonstrations (loss on response tokens only; LoRA by default).",
+)(sft)
 
 
 def main() -> None:

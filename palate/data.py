@@ -226,6 +226,7 @@ class ReadReport:
     kind: str | None = None
     format: str = "jsonl"  # or "hh"
     rows: int = 0
+    skipped: int = 0  # valid rows that do not apply to the requested kind (see warnings)
     records: list[Any] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: Counter[str] = field(default_factory=Counter)
@@ -241,6 +242,7 @@ class ReadReport:
             "format": self.format,
             "rows": self.rows,
             "valid": len(self.records),
+            "skipped": self.skipped,
             "errors": self.n_errors,
             "warnings": dict(self.warnings),
         }
@@ -261,7 +263,7 @@ def _detect(row: dict[str, Any]) -> tuple[str, str]:
     return "prompts", "jsonl"
 
 
-def _row_to_record(row: Any, natural: str, fmt: str, kind: str) -> tuple[_Record, list[str]]:
+def _row_to_record(row: Any, natural: str, fmt: str, kind: str) -> tuple[_Record | None, list[str]]:
     """Validate ``row`` as the file's natural record type, then project it to ``kind``."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
@@ -293,8 +295,8 @@ def _row_to_record(row: Any, natural: str, fmt: str, kind: str) -> tuple[_Record
     if kind == "prompts":
         return PromptRecord(prompt=rec.prompt, id=rec.id, metadata=rec.metadata), warnings  # type: ignore[attr-defined]
     if kind == "demonstrations" and isinstance(rec, Comparison):
-        if not rec.chosen.strip():
-            raise ValueError("field chosen: empty, cannot serve as a demonstration")
+        if not rec.chosen.strip():  # a valid comparison, but no demonstration: skip, counted
+            return None, [*warnings, "skipped_empty_chosen"]
         return Demonstration(
             prompt=rec.prompt, response=rec.chosen, id=rec.id, metadata=rec.metadata
         ), warnings
@@ -351,8 +353,11 @@ def validate_file(path: str | os.PathLike[str], kind: RecordKind | None = None) 
             except ValueError as err:
                 report.errors.append(f"{where}: {err}")
                 continue
-            report.records.append(rec)
             report.warnings.update(warns)
+            if rec is None:
+                report.skipped += 1
+            else:
+                report.records.append(rec)
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise DataError(f"{p}: cannot read file: {err}") from err
     if report.rows == 0:

@@ -340,6 +340,8 @@ def resolve_model(spec: str | os.PathLike[str]) -> str:
                 )
             return str(_convert_gguf(path, _gguf_cache_target(path)))
         if path.is_dir():
+            if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+                return str(path)  # a peft adapter; load_model applies it to its base model
             ggufs = sorted(path.glob("*.gguf"))
             if not (path / "config.json").is_file():
                 if len(ggufs) == 1:
@@ -386,6 +388,7 @@ def load_model(
     auto_class: Any = None,
     dtype: Any = None,
     device: Any = None,
+    is_trainable: bool = False,
     **kwargs: Any,
 ) -> tuple[Any, Any]:
     """Resolve ``spec`` and load ``(model, tokenizer)``.
@@ -393,6 +396,8 @@ def load_model(
     ``auto_class`` defaults to ``AutoModelForCausalLM``; pass
     ``AutoModelForSequenceClassification`` (with ``num_labels=1``) for a reward model. Weights are
     fp32 unless ``dtype`` says otherwise (training uses autocast, not low-precision weights).
+    A directory holding a peft adapter (``adapter_config.json``) loads its base model and applies
+    the adapter (``is_trainable`` keeps the adapter weights trainable).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -401,6 +406,22 @@ def load_model(
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise here
     auto_class = auto_class or AutoModelForCausalLM
     path = resolve_model(spec)
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():
+        # A LoRA adapter saved by palate: load its base model, then apply the adapter.
+        from peft import PeftModel
+
+        base_spec = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base_spec:
+            raise ModelLoadError(f"{adapter}: no base_model_name_or_path")
+        base, base_tok = load_model(base_spec, auto_class=auto_class, dtype=dtype, **kwargs)
+        has_tok = (Path(path) / "tokenizer_config.json").is_file()
+        tok = load_tokenizer(spec) if has_tok else base_tok
+        model = PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+        ensure_pad_token(tok, model)
+        if device is not None:
+            model.to(device)
+        return model, tok
     tok = load_tokenizer(spec)
     try:
         model = auto_class.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)

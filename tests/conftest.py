@@ -32,6 +32,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def hh_file() -> Path:
     if not HH_FILE.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data not found at {HH_FILE} (CI must have ../shared)")
         pytest.skip(f"shared data not found at {HH_FILE}")
     return HH_FILE
 

@@ -68,6 +68,29 @@ def test_generate_stage_with_tiny_model(tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["responses"] == 2
 
 
-@pytest.mark.parametrize("stage", ["generate"])
+@pytest.mark.parametrize("stage", ["generate", "sft"])
 def test_config_show(stage: str) -> None:
-    assert "max_new_tokens" in run("config", "show", stage, check=True).stdout
+    out = run("config", "show", stage, check=True).stdout
+    assert "output_dir: ???" in out and "(int)" in out
+
+
+def test_sft_command_writes_run_dir(tmp_path: Path) -> None:
+    data = tmp_path / "demos.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Say {w}", "response": f"{w} {w}."}) + "\n"
+            for w in ["one", "two", "three", "four", "five", "six"]
+        )
+    )
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model: tiny\ndata: {data}\noutput_dir: {tmp_path / 'run'}\n")
+    proc = run(
+        "sft", str(cfg), "--set", "train.max_steps=2", "--set", "eval_fraction=0.34", "--json",
+        check=True,
+    )  # fmt: skip
+    summary = last_json(proc.stdout)
+    assert summary["steps"] == 2 and summary["eval_examples"] == 2
+    run_dir = tmp_path / "run"
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "final/config.json"):
+        assert (run_dir / f).is_file(), f
+    assert list((run_dir / "checkpoints").glob("step-*/state.json"))

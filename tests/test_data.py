@@ -88,9 +88,10 @@ def test_shared_hh_file_validates(hh_file: Path) -> None:
 def test_hh_as_demonstrations_uses_chosen(hh_file: Path) -> None:
     report = validate_file(hh_file, "demonstrations")
     assert isinstance(report.records[0], Demonstration)
-    # two rows have an empty chosen reply: reported, never silently dropped
-    assert report.rows == len(report.records) + report.n_errors
-    assert all("chosen" in e for e in report.errors)
+    # two rows have an empty chosen reply: skipped and counted, never silently dropped
+    assert report.n_errors == 0 and report.skipped == 2
+    assert report.warnings["skipped_empty_chosen"] == 2
+    assert report.rows == len(report.records) + report.skipped
 
 
 def test_broken_row_reports_file_line_and_field(tmp_path: Path) -> None:
