@@ -16,7 +16,6 @@ Where things are:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,24 +31,27 @@ from palate.formatting import prompt_ids, response_ids
 from palate.generation import SamplingConfig, generate_responses
 from palate.lm import selected_logits
 from palate.models import load_model
-from palate.progress import console, progress_bar
+from palate.progress import console
 from palate.rundir import MetricsLogger, RunDir
 from palate.training import (
     LoraSettings,
     OptimSettings,
+    TrainSettings,
     apply_lora,
     autocast,
     build_optimizer,
     disable_dropout,
+    epoch_order,
     load_training_state,
     make_accelerator,
-    maybe_no_sync,
     prune_checkpoints,
     resolve_precision,
     restore_rng,
+    run_steps,
     save_training_state,
     seed_everything,
     start_trackers,
+    total_steps,
     trainable_parameters,
 )
 
@@ -61,23 +63,9 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------- config
 
 
-class SFTTrainSettings(Config):
-    """Batching and schedule."""
+class SFTTrainSettings(TrainSettings):
+    """Batching, schedule and checkpointing for SFT."""
 
-    epochs: int = Field(1, ge=1, description="Passes over the training demonstrations.")
-    max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
-    )
-    batch_size: int = Field(4, ge=1, description="Demonstrations per micro-batch (per process).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="bf16 autocast where the hardware supports it (auto), or force one."
-    )
-    checkpoint_every: int = Field(
-        50, ge=1, description="Save a resumable checkpoint every N optimiser steps."
-    )
-    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    log_every: int = Field(1, ge=1, description="Write a metrics row every N steps.")
     fast_lm_head: bool = Field(
         True,
         description="Apply the LM head only at response positions (faster; off under DDP).",
@@ -254,11 +242,6 @@ def _load_demos(cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration
     return train, [demos[i] for i in sorted(held)]
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def _save_model(model: Any, tokenizer: Any, path: Path, *, merged: bool, base_spec: str) -> None:
     import json
 
@@ -323,11 +306,12 @@ def sft(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         )
 
     world = acc.num_processes
-    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    steps_per_epoch = math.ceil(len(train_ex) / per_step)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    steps = total_steps(cfg.train, len(train_ex), world)
+    steps_per_epoch = total_steps(
+        cfg.train.model_copy(update={"max_steps": None, "epochs": 1}), len(train_ex), world
+    )
     params = trainable_parameters(model)
-    optimizer, scheduler = build_optimizer(params, cfg.optim, total_steps)
+    optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
     model, optimizer = acc.prepare(model, optimizer)
     fast = cfg.train.fast_lm_head and world == 1
     pad_id = tok.pad_token_id
@@ -340,7 +324,7 @@ def sft(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         restore_rng(blob["rng"])
         step = state["step"]
         if acc.is_main_process:
-            console.print(f"resuming from {ckpt} (step {step}/{total_steps})")
+            console.print(f"resuming from {ckpt} (step {step}/{steps})")
     metrics = MetricsLogger(
         run.metrics_path,
         resume_step=step if ckpt is not None else None,
@@ -376,7 +360,7 @@ def sft(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
             path,
             optimizer=optimizer,
             scheduler=scheduler,
-            state={"step": at, "total_steps": total_steps, "stage": "sft"},
+            state={"step": at, "total_steps": steps, "stage": "sft"},
         )
         prune_checkpoints(run.checkpoints, cfg.train.keep_checkpoints)
 
@@ -388,87 +372,57 @@ def sft(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     else:
         first = next((r for r in run.metrics() if r["step"] == 0 and "eval/loss" in r), None)
         eval_before = first["eval/loss"] if first else None
-
-    tokens_seen, train_time, last_loss = 0, 0.0, float("nan")
     eval_after = eval_before
-    stopped = False
-    with progress_bar("sft", total=total_steps, completed=step) as bar:
-        try:
-            while step < total_steps:
-                epoch, in_epoch = divmod(step, steps_per_epoch)
-                order = _epoch_order(len(train_ex), cfg.seed, epoch)
-                idx = order[in_epoch * per_step : (in_epoch + 1) * per_step]
-                mine = idx[acc.process_index :: world]
-                micro = [
-                    mine[i : i + cfg.train.batch_size]
-                    for i in range(0, len(mine), cfg.train.batch_size)
-                ]
-                t0 = time.perf_counter()
-                n_local = sum(
-                    sum(lab != IGNORE_INDEX for lab in train_ex[j].labels[1:])
-                    for mb in micro
-                    for j in mb
-                )
-                n_global = int(acc.reduce(torch.tensor(n_local, device=device), "sum"))
-                step_loss = 0.0
-                step_tokens = 0
-                for k, mb in enumerate(micro):
-                    batch = {
-                        key: v.to(device)
-                        for key, v in collate([train_ex[j] for j in mb], pad_id).items()
-                    }
-                    with maybe_no_sync(acc, model, sync=k == len(micro) - 1):
-                        with autocast(device, precision):
-                            ce, _ = _response_ce(model, batch, fast)
-                        # normalise by the tokens of the whole step on all processes
-                        acc.backward(ce * world / max(n_global, 1))
-                    step_loss += float(ce.detach())
-                    step_tokens += int(batch["attention_mask"].sum())
-                grad_norm = None
-                if cfg.optim.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                dt = time.perf_counter() - t0
-                tokens_seen += step_tokens
-                train_time += dt
-                last_loss = step_loss / max(n_local, 1)
-                row: dict[str, Any] = {
-                    "train/loss": last_loss,
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/epoch": step / steps_per_epoch,
-                    "train/tokens_per_s": step_tokens * world / dt,
-                    "train/response_tokens": n_global,
-                    "timing/step": dt,
-                }
-                if grad_norm is not None:
-                    row["train/grad_norm"] = float(grad_norm)
-                epoch_done = step % steps_per_epoch == 0 or step == total_steps
-                if epoch_done and eval_ex:
-                    eval_after = do_eval()
-                    row["eval/loss"] = eval_after
-                    row["eval/ppl"] = math.exp(min(eval_after, 50))
-                    do_samples(f"epoch-{math.ceil(step / steps_per_epoch):03d}")
-                if acc.is_main_process and (step % cfg.train.log_every == 0 or epoch_done):
-                    metrics.log(step, row)
-                bar.update(step, loss=last_loss, tok_s=step_tokens * world / dt)
-                stopped = stop_after is not None and stop_after <= step < total_steps
-                if step % cfg.train.checkpoint_every == 0 or step == total_steps or stopped:
-                    checkpoint(step)
-                if stopped:
-                    break
-        except KeyboardInterrupt:
-            checkpoint(step)
-            metrics.close()
-            raise
+    n_targets = [sum(lab != IGNORE_INDEX for lab in e.labels[1:]) for e in train_ex]
+    tokens_seen = 0
+
+    def loss_sum(mb: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = {k: v.to(device) for k, v in collate([train_ex[j] for j in mb], pad_id).items()}
+        with autocast(device, precision):
+            ce, _ = _response_ce(model, batch, fast)
+        return ce, {"tokens": float(batch["attention_mask"].sum())}
+
+    def after_step(at: int, epoch_done: bool, stats: dict[str, float], dt: float) -> dict:
+        nonlocal eval_after, tokens_seen
+        tokens_seen += int(stats["tokens"])
+        row: dict[str, Any] = {
+            "train/tokens_per_s": stats["tokens"] * world / dt,
+            "train/response_tokens": stats["units"],
+        }
+        if epoch_done and eval_ex:
+            eval_after = do_eval()
+            row["eval/loss"] = eval_after
+            row["eval/ppl"] = math.exp(min(eval_after, 50))
+            do_samples(f"epoch-{math.ceil(at / steps_per_epoch):03d}")
+        return row
+
+    result = run_steps(
+        acc=acc,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        settings=cfg.train,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        order=lambda epoch: epoch_order(len(train_ex), cfg.seed, epoch),
+        n_examples=len(train_ex),
+        start_step=step,
+        units=lambda mb: sum(n_targets[j] for j in mb),
+        loss_sum=loss_sum,
+        after_step=after_step,
+        checkpoint=checkpoint,
+        metrics=metrics,
+        desc="sft",
+        stop_after=stop_after,
+    )
     metrics.close()
+    step, stopped, last_loss = result.step, result.stopped, result.last.get("train/loss")
+    train_time = result.seconds
     summary: dict[str, Any] = {
         "stage": "sft",
         "output_dir": str(run.path),
         "steps": step,
-        "total_steps": total_steps,
+        "total_steps": steps,
         "train_examples": len(train_ex),
         "eval_examples": len(eval_ex),
         "train_loss": last_loss,

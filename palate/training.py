@@ -9,11 +9,14 @@ modules; this is the part every trainer needs and none should repeat.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import random
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ from pydantic import Field
 
 from palate.config import Config
 from palate.errors import ConfigError
+from palate.progress import progress_bar
 
 __all__ = [
     "LoraSettings",
@@ -262,3 +266,159 @@ def maybe_no_sync(accelerator: Any, model: Any, sync: bool) -> Iterator[None]:
     else:
         with accelerator.no_sync(model):
             yield
+
+
+# --------------------------------------------------------------------------- the step loop
+
+
+class TrainSettings(Config):
+    """Batching, schedule and checkpointing (shared by the training stages)."""
+
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
+    )
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16 autocast where the hardware supports it (auto), or force one."
+    )
+    checkpoint_every: int = Field(
+        50, ge=1, description="Save a resumable checkpoint every N optimiser steps."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Write a metrics row every N steps.")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n) that depends only on (seed, epoch): resumable data order."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def length_grouped_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, mega: int = 32
+) -> list[int]:
+    """Shuffled order in which each run of ``batch_size`` has similar lengths (less padding).
+
+    Shuffle, cut into chunks of ``mega`` batches, sort each chunk by length, then shuffle the
+    batches. Deterministic in (seed, epoch), like :func:`epoch_order`.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    chunk = batch_size * mega
+    batches: list[list[int]] = []
+    for i in range(0, len(order), chunk):
+        part = sorted(order[i : i + chunk], key=lambda j: lengths[j], reverse=True)
+        batches.extend(part[k : k + batch_size] for k in range(0, len(part), batch_size))
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [j for b in perm for j in batches[b]]
+
+
+@dataclasses.dataclass
+class LoopResult:
+    step: int  # optimiser steps done
+    stopped: bool  # stopped early (stop_after)
+    last: dict[str, Any]  # the last metrics row
+    seconds: float  # time spent in optimiser steps
+
+
+def run_steps(
+    *,
+    acc: Any,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    params: list[torch.nn.Parameter],
+    settings: TrainSettings,
+    max_grad_norm: float | None,
+    order: Callable[[int], list[int]],
+    n_examples: int,
+    start_step: int,
+    units: Callable[[list[int]], int],
+    loss_sum: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
+    after_step: Callable[[int, bool, dict[str, float], float], dict[str, Any]],
+    checkpoint: Callable[[int], None],
+    metrics: Any,
+    desc: str,
+    stop_after: int | None = None,
+) -> LoopResult:
+    """The optimisation loop shared by every trainer.
+
+    Each step takes the next ``batch_size × grad_accum × processes`` examples of the epoch's
+    ``order(epoch)``, this process's share cut into micro-batches. ``loss_sum(micro)`` returns
+    the *summed* loss and summed statistics; the loss is normalised by the number of loss units
+    (``units``: tokens for SFT, pairs for the reward model) in the whole step on all processes,
+    so accumulation and process count do not change the update. ``after_step`` adds metrics
+    (evaluation at epoch ends); ``checkpoint`` saves state. Ctrl-C saves a checkpoint first.
+    """
+    world = acc.num_processes
+    per_step = settings.batch_size * settings.grad_accum * world
+    steps_per_epoch = math.ceil(n_examples / per_step)
+    total = settings.max_steps or settings.epochs * steps_per_epoch
+    step, seconds, last = start_step, 0.0, {}
+    stopped = False
+    cached: tuple[int, list[int]] | None = None
+    with progress_bar(desc, total=total, completed=step) as bar:
+        try:
+            while step < total:
+                epoch, in_epoch = divmod(step, steps_per_epoch)
+                if cached is None or cached[0] != epoch:
+                    cached = (epoch, order(epoch))
+                idx = cached[1][in_epoch * per_step : (in_epoch + 1) * per_step]
+                mine = idx[acc.process_index :: world]
+                micro = [
+                    mine[i : i + settings.batch_size]
+                    for i in range(0, len(mine), settings.batch_size)
+                ]
+                t0 = time.perf_counter()
+                n_local = sum(units(mb) for mb in micro)
+                n_global = int(acc.reduce(torch.tensor(n_local, device=acc.device), "sum"))
+                loss_total = 0.0
+                stats: dict[str, float] = {}
+                for k, mb in enumerate(micro):
+                    with maybe_no_sync(acc, model, sync=k == len(micro) - 1):
+                        loss, st = loss_sum(mb)
+                        acc.backward(loss * world / max(n_global, 1))
+                    loss_total += float(loss.detach())
+                    for key, v in st.items():
+                        stats[key] = stats.get(key, 0.0) + float(v)
+                grad_norm = None
+                if max_grad_norm is not None:
+                    grad_norm = acc.clip_grad_norm_(params, max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                seconds += dt
+                row: dict[str, Any] = {
+                    "train/loss": loss_total / max(n_local, 1),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/epoch": step / steps_per_epoch,
+                    "timing/step": dt,
+                }
+                if grad_norm is not None:
+                    row["train/grad_norm"] = float(grad_norm)
+                epoch_done = step % steps_per_epoch == 0 or step == total
+                stats["units"] = n_local
+                row.update(after_step(step, epoch_done, stats, dt))
+                last = row
+                if acc.is_main_process and (step % settings.log_every == 0 or epoch_done):
+                    metrics.log(step, row)
+                bar.update(step, loss=row["train/loss"])
+                stopped = stop_after is not None and stop_after <= step < total
+                if step % settings.checkpoint_every == 0 or step == total or stopped:
+                    checkpoint(step)
+                if stopped:
+                    break
+        except KeyboardInterrupt:
+            checkpoint(step)
+            metrics.close()
+            raise
+    return LoopResult(step=step, stopped=stopped, last=last, seconds=seconds)
+
+
+def total_steps(settings: TrainSettings, n_examples: int, world: int) -> int:
+    per_step = settings.batch_size * settings.grad_accum * world
+    return settings.max_steps or settings.epochs * math.ceil(n_examples / per_step)
