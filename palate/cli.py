@@ -69,15 +69,21 @@ def emit(summary: dict[str, Any], as_json: bool, title: str = "summary") -> None
 
 
 def stage(
-    name: str, config_cls: type[Config], help: str
+    name: str, config_cls: type[Config], help: str, group: typer.Typer | None = None
 ) -> Callable[[Callable[[Any], dict[str, Any]]], Callable[[Any], dict[str, Any]]]:
-    """Register ``palate NAME CONFIG.yaml [--set k=v]... [--json]`` calling ``fn(config)``."""
+    """Register ``palate NAME CONFIG.yaml [--set k=v]... [--json]`` calling ``fn(config)``.
+
+    ``name`` may be ``"group sub"`` (e.g. ``"reward train"``) with ``group`` the sub-app.
+    The config file is optional when every required field is given with ``--set``.
+    """
 
     def register(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
         STAGES[name] = (config_cls, fn)
 
         def command(
-            config: Annotated[Path, typer.Argument(help="Stage config (YAML).")],
+            config: Annotated[
+                Path | None, typer.Argument(help="Stage config (YAML); optional with --set.")
+            ] = None,
             set_: SetOpt = None,
             as_json: JsonOpt = False,
         ) -> None:
@@ -87,7 +93,7 @@ def stage(
                 emit(summary, as_json, title=f"palate {name}")
 
         command.__doc__ = help
-        app.command(name, help=help)(command)
+        (group or app).command(name.split()[-1], help=help)(command)
         return fn
 
     return register
@@ -155,11 +161,14 @@ def data_validate(
 
 @config_app.command("show")
 def config_show(
-    stage_name: Annotated[str, typer.Argument(metavar="STAGE", help="Stage name.")],
+    stage_name: Annotated[
+        str, typer.Argument(metavar="STAGE", help="Stage name, e.g. sft or 'reward train'.")
+    ],
 ) -> None:
     """Print a stage's config as commented YAML: every field, its default and description."""
     import yaml
 
+    stage_name = stage_name.replace("-", " ").replace(".", " ")
     if stage_name not in STAGES:
         raise PalateError(f"unknown stage {stage_name!r}; stages: {', '.join(sorted(STAGES))}")
     lines = [f"# palate {stage_name} CONFIG.yaml  (override any field with --set a.b=value)"]
@@ -200,6 +209,46 @@ stage(
     SFTConfig,
     "Supervised fine-tuning on demonstrations (loss on response tokens only; LoRA by default).",
 )(sft)
+
+
+from palate.reward import (  # noqa: E402
+    RewardConfig,
+    RewardEvalConfig,
+    RewardScoreConfig,
+    evaluate_reward,
+    score_file,
+    train_reward,
+)
+
+reward_app = typer.Typer(help="Step 3: reward model (train, eval, score).", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
+stage(
+    "reward train",
+    RewardConfig,
+    "Train a reward model on comparisons (Bradley-Terry), normalise it, evaluate held-out.",
+    reward_app,
+)(train_reward)
+stage(
+    "reward eval",
+    RewardEvalConfig,
+    "Accuracy, margin, calibration (ECE) and length-bias checks of a reward model.",
+    reward_app,
+)(evaluate_reward)
+stage(
+    "reward score",
+    RewardScoreConfig,
+    "Score a JSONL of {prompt, response} rows with a reward model.",
+    reward_app,
+)(score_file)
+
+
+from palate.ppo import PPOConfig, ppo  # noqa: E402
+
+stage(
+    "ppo",
+    PPOConfig,
+    "PPO against a reward model (or a Python reward function) with a KL penalty to the reference.",
+)(ppo)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,22 +127,36 @@ def config_to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def describe_config(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted name, type, default, description) for every leaf field, nested sections included."""
+def describe_config(
+    cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+) -> list[tuple[str, str, str, str]]:
+    """(dotted name, type, default, description) for every leaf field, nested sections included.
+
+    Defaults of a nested section come from its ``default_factory`` (which may differ from the
+    section class's own defaults), so the listing shows what a config actually gets.
+    """
     rows: list[tuple[str, str, str, str]] = []
     for name, field in cls.model_fields.items():
         dotted = f"{prefix}{name}"
         ann = field.annotation
+        if defaults is not None:
+            value: Any = getattr(defaults, name)
+            has_default = True
+        elif field.is_required():
+            value, has_default = None, False
+        elif field.default_factory is not None:
+            value, has_default = field.default_factory(), True  # type: ignore[call-arg]
+        else:
+            value, has_default = field.default, True
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.append((dotted, "section", "", field.description or ""))
-            rows.extend(describe_config(ann, dotted + "."))
+            sub = value if isinstance(value, BaseModel) else None
+            rows.extend(describe_config(ann, dotted + ".", sub))
             continue
-        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        if field.is_required():
-            default = "(required)"
-        elif field.default_factory is not None:
-            default = repr(field.default_factory())  # type: ignore[call-arg]
+        if typing.get_origin(ann) is typing.Literal:
+            type_name = " | ".join(str(a) for a in typing.get_args(ann))
         else:
-            default = repr(field.default)
-        rows.append((dotted, type_name, default, field.description or ""))
+            type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((dotted, type_name, repr(value) if has_default else "(required)",
+                     field.description or ""))  # fmt: skip
     return rows

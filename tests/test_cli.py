@@ -68,7 +68,7 @@ def test_generate_stage_with_tiny_model(tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["responses"] == 2
 
 
-@pytest.mark.parametrize("stage", ["generate", "sft"])
+@pytest.mark.parametrize("stage", ["generate", "sft", "reward train", "reward eval", "ppo"])
 def test_config_show(stage: str) -> None:
     out = run("config", "show", stage, check=True).stdout
     assert "output_dir: ???" in out and "(int)" in out

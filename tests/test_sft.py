@@ -276,3 +276,30 @@ def test_tensorboard_tracker(tmp_path: Path) -> None:
     assert summary["steps"] == 2
     events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
+
+
+@pytest.mark.slow
+def test_smollm2_lora_sft_lowers_heldout_loss(tmp_path: Path, hh_file: Path, capsys) -> None:
+    cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            "model=smollm2-135m-instruct",
+            f"data={hh_file}",
+            "max_examples=20",
+            "eval_fraction=0.2",
+            f"output_dir={tmp_path / 'run'}",
+            "max_length=256",
+            "optim.lr=3e-4",
+            "train.batch_size=4",
+            "sample_prompts=1",
+            "sample_max_new_tokens=16",
+        ],
+    )
+    s = sft(cfg)
+    with capsys.disabled():
+        print(
+            f"\nsmollm2 LoRA SFT: eval loss {s['eval_loss_before']:.3f} -> "
+            f"{s['eval_loss_after']:.3f}, {s['tokens_per_s']:.0f} tokens/s ({s['precision']})"
+        )
+    assert s["eval_loss_after"] < s["eval_loss_before"]

@@ -1,0 +1,133 @@
+"""PPO behaviour on the tiny model: it learns a rule reward, the KL leash holds, resume is exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from palate.config import load_config
+from palate.data import write_jsonl
+from palate.ppo import PPOConfig, PPOTrainer, ppo
+from palate.sft import SFTConfig, sft
+
+from .test_sft import demos
+
+
+def bright(prompts, responses) -> torch.Tensor:
+    """Rule reward: +1 per occurrence of the word 'bright'."""
+    return torch.tensor([float(r.lower().count("bright")) for r in responses])
+
+
+@pytest.fixture(scope="module")
+def sft_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The tiny model fine-tuned on the demonstrations: a peaked policy that still explores a little
+    (sampled at temperature 1, about one response in eight says 'bright')."""
+    d = tmp_path_factory.mktemp("ppo-sft")
+    write_jsonl(d / "demos.jsonl", demos(24))
+    cfg = load_config(SFTConfig, None, [
+        "model=tiny", f"data={d / 'demos.jsonl'}", f"output_dir={d / 'sft'}", "eval_fraction=0",
+        "finetune=full", "optim.lr=3e-3", "optim.warmup_ratio=0", "train.epochs=100",
+        "train.batch_size=8", "train.precision=fp32", "sample_prompts=0",
+    ])  # fmt: skip
+    return sft(cfg)["final"], str(d / "demos.jsonl")
+
+
+def make_cfg(tmp_path: Path, policy: tuple[str, str], *overrides: str) -> PPOConfig:
+    model, prompts = policy
+    return load_config(PPOConfig, None, [
+        f"model={model}", f"prompts={prompts}", f"output_dir={tmp_path / 'run'}",
+        "reward.function=tests.test_ppo:bright", "sampling.max_new_tokens=16",
+        "sampling.temperature=1.0", "ppo.batch_size=16", "ppo.mini_batch_size=8",
+        "finetune=full", "optim.lr=2e-4", "precision=fp32", "kl.adaptive=false", "kl.coef=0.01",
+        "checkpoint_every=100", *overrides,
+    ])  # fmt: skip
+
+
+def scores(tmp_path: Path) -> list[float]:
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [r["objective/score"] for r in rows]
+
+
+def test_rule_reward_rises_threefold(tmp_path: Path, sft_policy) -> None:
+    summary = ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=14"), score_fn=bright)
+    s = scores(tmp_path)
+    first, last = sum(s[:3]) / 3, sum(s[-3:]) / 3
+    assert last >= 3 * max(first, 0.1), s
+    assert summary["updates"] == 14 and Path(summary["final"], "config.json").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    documented = {
+        "objective/score", "objective/kl", "objective/kl_coef", "objective/entropy",
+        "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "policy/loss",
+        "value/loss", "value/clipfrac", "value/explained_variance", "response/length",
+        "response/eos_rate", "timing/rollout", "timing/update", "throughput/episodes_per_s",
+    }  # fmt: skip
+    assert documented <= set(rows[0])
+    assert (tmp_path / "run" / "samples" / "update-00001.jsonl").is_file()
+
+
+def test_huge_beta_keeps_policy_on_the_leash(tmp_path: Path, sft_policy) -> None:
+    # Same settings as the test above except β: there KL grows past 2 nats and the score triples.
+    ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=8", "kl.coef=20"), score_fn=bright)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["objective/kl"] for r in rows) < 0.5
+    s = [r["objective/score"] for r in rows]
+    assert abs(sum(s[-3:]) / 3 - sum(s[:3]) / 3) < 0.25, s  # reward barely moves
+
+
+def test_first_minibatch_is_on_policy(tmp_path: Path, sft_policy) -> None:
+    """Recomputed log-probs equal the rollout's: ratio 1, nothing clipped, approx-KL 0."""
+    cfg = make_cfg(tmp_path, sft_policy, "ppo.updates=1", "ppo.epochs=1",
+                   "ppo.mini_batch_size=16", "optim.lr=1e-12")  # fmt: skip
+    trainer = PPOTrainer(cfg, score_fn=bright)
+    row, ro = trainer.step(trainer.prompts[:16])
+    assert row["policy/approxkl"] < 1e-8 and row["policy/clipfrac"] == 0
+    # reference = the initial policy: KL is 0 before any update
+    assert abs(row["objective/kl"]) < 1e-5
+    # padding after EOS is masked everywhere
+    assert (ro.logprobs[ro.mask == 0] == 0).all()
+    ends = ro.mask.sum(1).long() - 1
+    finished = ro.finished
+    last_tokens = ro.response_ids[torch.arange(16), ends]
+    assert (last_tokens[finished] == trainer.tok.eos_token_id).all()
+
+
+@pytest.mark.parametrize("mode", ["shared", "separate"])
+def test_critic_modes_and_lora(tmp_path: Path, sft_policy, mode: str) -> None:
+    summary = ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=2", f"critic.mode={mode}",
+                           "critic.init=policy", "finetune=lora"), score_fn=bright)  # fmt: skip
+    assert summary["updates"] == 2
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step-*"))
+    name = "value_head.safetensors" if mode == "shared" else "critic.safetensors"
+    assert (ckpt / name).is_file() and (ckpt / "policy" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_reproduces_uninterrupted_metrics(tmp_path: Path, sft_policy) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = ["ppo.updates=4", "kl.adaptive=true", "reward.normalize=true"]
+    ppo(make_cfg(tmp_path / "a", sft_policy, *args), score_fn=bright)
+    part = ppo(make_cfg(tmp_path / "b", sft_policy, *args), score_fn=bright, stop_after=2)
+    assert part["stopped_at"] == 2
+    ppo(make_cfg(tmp_path / "b", sft_policy, *args), score_fn=bright)
+    ra = [json.loads(x) for x in (tmp_path / "a/run/metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("objective/score", "objective/kl", "objective/kl_coef", "policy/loss",
+                    "value/loss", "response/length"):  # fmt: skip
+            assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)
+
+
+def test_config_needs_one_reward_source(tmp_path: Path) -> None:
+    from palate.errors import ConfigError
+
+    base = ["prompts=p.jsonl", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="reward: Field required"):
+        load_config(PPOConfig, None, base)
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_config(PPOConfig, None, [*base, "reward.model=rm", "reward.function=m:f"])
+    with pytest.raises(ConfigError, match="multiple of ppo.mini_batch_size"):
+        load_config(PPOConfig, None, [*base, "reward.model=rm", "ppo.batch_size=6"])

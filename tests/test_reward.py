@@ -1,0 +1,247 @@
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from palate.config import load_config
+from palate.data import Comparison, read_records, write_jsonl
+from palate.reward import (
+    RewardConfig,
+    RewardEvalConfig,
+    RewardModel,
+    RewardScoreConfig,
+    evaluate_reward,
+    expected_calibration_error,
+    preference_loss,
+    score_file,
+    train_reward,
+)
+from palate.training import resolve_precision
+
+
+def sp(x: float) -> float:  # softplus: -log σ(-x)
+    return math.log1p(math.exp(x))
+
+
+T = torch.tensor
+
+# ---------------------------------------------------------------- the loss, by hand
+
+
+def test_hard_label_is_minus_log_sigmoid() -> None:
+    loss = preference_loss(T([1.0, 0.0]), T([0.0, 2.0]))
+    assert loss.tolist() == pytest.approx([sp(-1.0), sp(2.0)], rel=1e-6)
+
+
+def test_margin_shifts_the_gap() -> None:
+    loss = preference_loss(T([1.0]), T([0.0]), margin=T([0.5]))
+    assert loss.item() == pytest.approx(sp(-0.5), rel=1e-6)  # -log σ(1 - 0.5)
+
+
+def test_tie_targets_one_half_and_ignores_margin() -> None:
+    loss = preference_loss(T([1.0, 0.3]), T([0.0, 0.3]), margin=T([5.0, 5.0]), tie=T([True, True]))
+    expected = 0.5 * sp(-1.0) + 0.5 * sp(1.0)  # -(½ log σ(1) + ½ log σ(-1))
+    assert loss[0].item() == pytest.approx(expected, rel=1e-6)
+    assert loss[1].item() == pytest.approx(math.log(2), rel=1e-6)  # equal scores: the minimum
+    d = torch.tensor([0.7], requires_grad=True)
+    preference_loss(d, T([0.0]), tie=T([True])).sum().backward()
+    assert d.grad.item() > 0  # pushes the gap back toward 0
+
+
+def test_soft_label_vote_fraction() -> None:
+    loss = preference_loss(T([2.0]), T([0.0]), prob_chosen=T([0.75]))
+    assert loss.item() == pytest.approx(0.75 * sp(-2.0) + 0.25 * sp(2.0), rel=1e-6)
+
+
+def test_label_smoothing() -> None:
+    loss = preference_loss(T([1.0]), T([0.0]), label_smoothing=0.1)
+    assert loss.item() == pytest.approx(0.9 * sp(-1.0) + 0.1 * sp(1.0), rel=1e-6)
+
+
+def test_centering_term() -> None:
+    loss = preference_loss(T([1.0]), T([0.5]), center_coef=0.01)
+    assert loss.item() == pytest.approx(sp(-0.5) + 0.01 * 1.5**2, rel=1e-6)
+
+
+def test_ece_hand_computed() -> None:
+    p = np.array([0.9, 0.9, 0.1, 0.1])
+    y = np.array([1.0, 0.0, 0.0, 0.0])
+    # bin 0.9: |0.9 - 0.5| · 2/4 ; bin 0.1: |0.1 - 0| · 2/4
+    assert expected_calibration_error(p, y, bins=10) == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- the model
+
+
+@pytest.fixture(scope="module")
+def tiny_rm() -> RewardModel:
+    torch.manual_seed(0)
+    return RewardModel.from_backbone("tiny", max_length=64)
+
+
+def test_causal_score_is_read_at_eos(tiny_rm: RewardModel) -> None:
+    rm = tiny_rm
+    assert rm.kind == "causal"
+    enc = [rm.encode("Hi", "Hello there friend"), rm.encode("A much longer prompt here", "Yo")]
+    assert all(e.input_ids[-1] == rm.tokenizer.eos_token_id for e in enc)
+    batch = rm.collate(enc)  # right-padded with pad != EOS
+    with torch.no_grad():
+        scores = rm.forward(batch)
+        hidden = rm.model.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+        h = hidden.last_hidden_state
+        for i, e in enumerate(enc):
+            manual = rm.model.score(h[i, len(e.input_ids) - 1]).item()
+            assert scores[i].item() == pytest.approx(manual, rel=1e-4, abs=1e-5)
+    # and padding does not change a score
+    with torch.no_grad():
+        alone = rm.forward(rm.collate([enc[1]]))
+    assert alone.item() == pytest.approx(scores[1].item(), rel=1e-4, abs=1e-5)
+
+
+def test_truncation_keeps_the_response(tiny_rm: RewardModel) -> None:
+    long_prompt = " ".join(["context"] * 300)
+    e = tiny_rm.encode(long_prompt, "the answer")
+    assert e.truncated and len(e.input_ids) == 64
+    tail = tiny_rm.tokenizer("the answer", add_special_tokens=False).input_ids
+    assert (
+        e.input_ids[-len(tail) - 1 : -1] == tail
+        and e.input_ids[-1] == tiny_rm.tokenizer.eos_token_id
+    )
+
+
+def test_encoder_pair_encoding() -> None:
+    rm = RewardModel.from_backbone("minilm-l6", max_length=32)
+    assert rm.kind == "encoder"
+    tok = rm.tokenizer
+    e = rm.encode(" ".join(["word"] * 100) + " last", "a reply")
+    assert e.truncated and len(e.input_ids) == 32
+    assert e.input_ids[0] == tok.cls_token_id and e.input_ids[-1] == tok.sep_token_id
+    reply = tok("a reply", add_special_tokens=False).input_ids
+    assert e.input_ids[-len(reply) - 1 : -1] == reply
+    assert e.token_type_ids[-len(reply) - 1 :] == [1] * (len(reply) + 1)
+    assert tok.decode(e.input_ids).split("[SEP]")[0].strip().endswith("word last")  # left-cut
+    scores = rm.score(["q1", "q2"], ["r1", "r2 longer"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+# ---------------------------------------------------------------- training
+
+
+WORDS = [
+    "river",
+    "stone",
+    "cloud",
+    "lamp",
+    "paper",
+    "window",
+    "garden",
+    "music",
+    "coffee",
+    "forest",
+    "candle",
+    "mirror",
+]
+
+
+def marker_pairs(n: int, seed: int = 0) -> list[Comparison]:
+    """Chosen responses contain the word 'banana'; rejected ones never do."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        base = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
+        other = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
+        chosen = list(base)
+        chosen.insert(rng.randint(0, len(chosen)), "banana")
+        out.append(Comparison(prompt=f"Say something {i}", chosen=" ".join(chosen),
+                              rejected=" ".join(other)))  # fmt: skip
+    return out
+
+
+def cfg_for(tmp_path: Path, *overrides: str, n: int = 240) -> RewardConfig:
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(data, marker_pairs(n))
+    base = ["model=tiny", f"data={data}", f"output_dir={tmp_path / 'run'}", "max_length=48"]
+    return load_config(RewardConfig, None, [*base, *overrides])
+
+
+def test_tiny_reward_model_learns_marker(tmp_path: Path) -> None:
+    cfg = cfg_for(
+        tmp_path,
+        "eval_fraction=0.25",
+        "optim.lr=3e-3",
+        "train.epochs=6",
+        "train.batch_size=16",
+        "train.precision=fp32",
+    )
+    summary = train_reward(cfg)
+    assert summary["eval_accuracy"] >= 0.95, summary
+    assert summary["eval_accuracy_before"] < 0.8
+    # normalised: the chosen training responses average 0
+    rm = RewardModel.load(summary["final"])
+    assert rm.offset == pytest.approx(summary["offset"])
+    train = [
+        c
+        for c in marker_pairs(240)
+        if c not in read_records(tmp_path / "run/heldout.jsonl").records
+    ]
+    ref = train[:256]
+    mean = rm.score([c.prompt for c in ref], [c.chosen for c in ref]).mean().item()
+    assert abs(mean) < 0.05
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert {"train/accuracy", "train/margin", "train/pairs_per_s", "eval/accuracy"} <= set(
+        k for r in rows for k in r
+    )
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    common = ["train.max_steps=5", "train.batch_size=8", "train.grad_accum=2",
+              "train.checkpoint_every=100", "optim.lr=1e-3"]  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    train_reward(cfg_for(tmp_path / "a", *common, n=120))
+    part = train_reward(cfg_for(tmp_path / "b", *common, n=120), stop_after=2)
+    assert part["stopped_at"] == 2
+    train_reward(cfg_for(tmp_path / "b", *common, n=120))
+    wa = load_file(tmp_path / "a/run/final/model.safetensors")
+    wb = load_file(tmp_path / "b/run/final/model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_lora_reward_model_saves_merged(tmp_path: Path) -> None:
+    s = train_reward(cfg_for(tmp_path, "finetune=lora", "train.max_steps=3", "optim.lr=1e-3", n=60))
+    rm = RewardModel.load(s["final"])
+    assert not hasattr(rm.model, "peft_config")
+    assert rm.score(["q"], ["a"]).shape == (1,)
+
+
+def test_eval_and_score_commands(tmp_path: Path) -> None:
+    s = train_reward(cfg_for(tmp_path, "train.max_steps=4", "optim.lr=1e-3", n=80))
+    ev = evaluate_reward(
+        RewardEvalConfig(model=s["final"], data=str(tmp_path / "run/heldout.jsonl"))
+    )
+    for key in ("accuracy", "mean_margin", "ece", "length_reward_spearman",
+                "accuracy_rejected_longer", "pairs_rejected_longer"):  # fmt: skip
+        assert key in ev
+    assert ev["pairs"] == 16
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"prompt": "p", "response": "banana river"}\n{"prompt": "p", "response": "x"}\n'
+    )
+    out = tmp_path / "scored.jsonl"
+    summary = score_file(RewardScoreConfig(model=s["final"], data=str(rows), output=str(out)))
+    scored = [json.loads(x) for x in out.read_text().splitlines()]
+    assert summary["rows"] == 2 and all(isinstance(r["reward"], float) for r in scored)
+    rm = RewardModel.load(s["final"])
+    rm.precision = resolve_precision("auto")  # what score_file uses
+    direct = rm.score(["p", "p"], ["banana river", "x"]).tolist()
+    assert [r["reward"] for r in scored] == pytest.approx(direct, abs=1e-5)
