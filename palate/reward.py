@@ -147,6 +147,7 @@ class RewardModel:
         max_length: int = 512,
         offset: float = 0.0,
         base_spec: str | None = None,
+        pooling: str = "cls",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -154,12 +155,13 @@ class RewardModel:
         self.max_length = max_length
         self.offset = offset
         self.base_spec = base_spec
+        self.pooling = pooling
         self.precision = "fp32"
 
     # ----------------------------------------------------------------- construction
 
     @classmethod
-    def from_backbone(cls, spec: str, max_length: int = 512) -> RewardModel:
+    def from_backbone(cls, spec: str, max_length: int = 512, pooling: str = "cls") -> RewardModel:
         """A fresh reward model: backbone ``spec`` plus a new scalar head (initialised small)."""
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
@@ -179,7 +181,11 @@ class RewardModel:
             torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
             if head.bias is not None:
                 torch.nn.init.zeros_(head.bias)
-        return cls(model, tok, kind=kind, max_length=max_length, base_spec=spec)
+        if pooling == "mean" and (kind != "encoder" or _score_head(model) is None):
+            raise ConfigError(
+                f"pooling: mean needs an encoder backbone with a linear head; {spec} is {kind}"
+            )
+        return cls(model, tok, kind=kind, max_length=max_length, base_spec=spec, pooling=pooling)
 
     @classmethod
     def load(cls, path: str | Path, **kwargs: Any) -> RewardModel:
@@ -205,6 +211,7 @@ class RewardModel:
             max_length=meta["max_length"],
             offset=meta.get("offset", 0.0),
             base_spec=meta.get("base_spec"),
+            pooling=meta.get("pooling", "cls"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -223,6 +230,7 @@ class RewardModel:
             "max_length": self.max_length,
             "offset": self.offset,
             "base_spec": self.base_spec,
+            "pooling": self.pooling,
         }
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -271,7 +279,21 @@ class RewardModel:
     # ----------------------------------------------------------------- scoring
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw scores (no offset) for a collated batch: (N,)."""
+        """Raw scores (no offset) for a collated batch: (N,).
+
+        Causal LMs and ``pooling: cls`` encoders use the transformers head as it is. With
+        ``pooling: mean`` an encoder's token states are averaged over the attention mask (how
+        sentence-embedding models such as MiniLM were trained) and fed to the same head.
+        """
+        if self.kind == "encoder" and self.pooling == "mean":
+            model = self.model
+            if hasattr(model, "get_base_model"):
+                model = model.get_base_model()
+            encoder = getattr(model, model.base_model_prefix)
+            hidden = encoder(**batch).last_hidden_state  # (N, T, H)
+            m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+            return _score_head(model)(pooled).squeeze(-1).float()  # type: ignore[misc]
         return self.model(**batch).logits.squeeze(-1).float()
 
     @property
@@ -364,6 +386,11 @@ class RewardConfig(Config):
     seed: int = Field(0, description="Seed for the split, data order and the head's init.")
     max_length: int = Field(
         384, ge=16, description="Max tokens per (prompt, response); prompts cut from the left."
+    )
+    pooling: Literal["cls", "mean"] = Field(
+        "cls",
+        description="Encoders: the model's [CLS] pooler (cls) or the mask-averaged token states "
+        "(mean, how sentence-embedding models like MiniLM were trained).",
     )
     finetune: Literal["full", "lora"] = Field(
         "full", description="Train all weights (default) or LoRA adapters plus the head."
@@ -591,7 +618,7 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None) -> dict[st
     if acc.is_main_process and eval_c and not cfg.eval_data:
         write_jsonl(run.path / "heldout.jsonl", eval_c)
 
-    rm = RewardModel.from_backbone(cfg.model, cfg.max_length)
+    rm = RewardModel.from_backbone(cfg.model, cfg.max_length, cfg.pooling)
     disable_dropout(rm.model)
     ckpt = run.latest_checkpoint() if cfg.resume else None
     if cfg.finetune == "lora":

@@ -245,3 +245,22 @@ def test_eval_and_score_commands(tmp_path: Path) -> None:
     rm.precision = resolve_precision("auto")  # what score_file uses
     direct = rm.score(["p", "p"], ["banana river", "x"]).tolist()
     assert [r["reward"] for r in scored] == pytest.approx(direct, abs=1e-5)
+
+
+def test_encoder_mean_pooling_matches_manual_and_survives_save(tmp_path: Path) -> None:
+    rm = RewardModel.from_backbone("minilm-l6", max_length=32, pooling="mean")
+    batch = rm.collate([rm.encode("q", "a short reply"), rm.encode("question two", "b")])
+    with torch.no_grad():
+        got = rm.forward(batch)
+        h = rm.model.bert(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        manual = rm.model.classifier((h * m).sum(1) / m.sum(1)).squeeze(-1)
+    torch.testing.assert_close(got, manual)
+    rm.save(tmp_path / "rm")
+    back = RewardModel.load(tmp_path / "rm")
+    assert back.pooling == "mean"
+    torch.testing.assert_close(
+        back.score(["q"], ["a short reply"]), rm.score(["q"], ["a short reply"])
+    )
+    with pytest.raises(Exception, match="encoder"):
+        RewardModel.from_backbone("tiny", pooling="mean")
