@@ -71,7 +71,7 @@ def test_generate_stage_with_tiny_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stage", ["generate", "sft", "reward train", "reward eval", "ppo"])
 def test_config_show(stage: str) -> None:
     out = run("config", "show", stage, check=True).stdout
-    assert "output_dir: ???" in out and "(int)" in out
+    assert "model:" in out and "???  # REQUIRED" in out and "(int)" in out
 
 
 def test_sft_command_writes_run_dir(tmp_path: Path) -> None:
