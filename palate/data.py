@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,12 +51,14 @@ __all__ = [
     "parse_hh_transcript",
     "prompt_text",
     "read_records",
+    "split_heldout",
     "split_hh_pair",
     "validate_file",
     "write_jsonl",
 ]
 
 RecordKind = Literal["prompts", "demonstrations", "comparisons"]
+T = TypeVar("T")
 
 
 class _Record(BaseModel):
@@ -383,6 +385,15 @@ def read_records(
         more = f"\n... and {report.n_errors - 10} more" if report.n_errors > 10 else ""
         raise DataError(f"{report.n_errors} invalid row(s) in {path}:\n{shown}{more}")
     return report
+
+
+def split_heldout(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held-out): a seeded random ``fraction`` held out, both in file order."""
+    import torch
+
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[: int(round(fraction * len(items)))])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
 
 
 # --------------------------------------------------------------------------- writing

@@ -32,12 +32,20 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from palate.config import Config
-from palate.data import Comparison, Demonstration, Prompt, prompt_text, read_records, write_jsonl
+from palate.data import (
+    Comparison,
+    Demonstration,
+    Prompt,
+    prompt_text,
+    read_records,
+    split_heldout,
+    write_jsonl,
+)
 from palate.errors import ConfigError, ModelLoadError
 from palate.formatting import prompt_ids, response_ids
 from palate.models import load_model
 from palate.progress import console
-from palate.rundir import MetricsLogger, RunDir
+from palate.rundir import RunDir
 from palate.training import (
     LoraSettings,
     OptimSettings,
@@ -47,15 +55,13 @@ from palate.training import (
     build_optimizer,
     disable_dropout,
     length_grouped_order,
-    load_training_state,
     make_accelerator,
     prune_checkpoints,
     resolve_precision,
-    restore_rng,
+    resume_training,
     run_steps,
     save_training_state,
     seed_everything,
-    start_trackers,
     total_steps,
     trainable_parameters,
 )
@@ -475,10 +481,7 @@ def _split(cfg: RewardConfig) -> tuple[list[Comparison], list[Comparison]]:
     comps = list(read_records(cfg.data, "comparisons").records)[: cfg.max_examples]
     if cfg.eval_data:
         return comps, list(read_records(cfg.eval_data, "comparisons").records)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(comps), generator=g).tolist()
-    held = set(order[: int(round(cfg.eval_fraction * len(comps)))])
-    return [c for i, c in enumerate(comps) if i not in held], [comps[i] for i in sorted(held)]
+    return split_heldout(comps, cfg.eval_fraction, cfg.seed)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -651,21 +654,10 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None) -> dict[st
     optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
     rm.model, optimizer = acc.prepare(rm.model, optimizer)
 
-    step = 0
-    if ckpt is not None:
-        state, blob = load_training_state(ckpt)
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        restore_rng(blob["rng"])
-        step = state["step"]
-        if acc.is_main_process:
-            console.print(f"resuming from {ckpt} (step {step}/{steps})")
-    metrics = MetricsLogger(
-        run.metrics_path,
-        resume_step=step if ckpt is not None else None,
-        accelerator=acc if cfg.tracker != "none" else None,
-    )
-    start_trackers(acc, cfg.tracker, "palate-reward", cfg)
+    step, metrics = resume_training(
+        acc=acc, run=run, ckpt=ckpt, optimizer=optimizer, scheduler=scheduler, total=steps,
+        tracker=cfg.tracker, project="palate-reward", cfg=cfg,
+    )  # fmt: skip
 
     @torch.no_grad()
     def do_eval() -> dict[str, float]:

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from palate.config import Config
-from palate.data import Demonstration, prompt_text, read_records, write_jsonl
+from palate.data import Demonstration, prompt_text, read_records, split_heldout, write_jsonl
 from palate.errors import ConfigError
 from palate.formatting import prompt_ids, response_ids
 from palate.generation import SamplingConfig, generate_responses
 from palate.lm import selected_logits
 from palate.models import load_model
 from palate.progress import console
-from palate.rundir import MetricsLogger, RunDir
+from palate.rundir import RunDir
 from palate.training import (
     LoraSettings,
     OptimSettings,
@@ -42,15 +42,13 @@ from palate.training import (
     build_optimizer,
     disable_dropout,
     epoch_order,
-    load_training_state,
     make_accelerator,
     prune_checkpoints,
     resolve_precision,
-    restore_rng,
+    resume_training,
     run_steps,
     save_training_state,
     seed_everything,
-    start_trackers,
     total_steps,
     trainable_parameters,
 )
@@ -234,12 +232,7 @@ def _load_demos(cfg: SFTConfig) -> tuple[list[Demonstration], list[Demonstration
     demos = list(report.records)[: cfg.max_examples]
     if cfg.eval_data:
         return demos, list(read_records(cfg.eval_data, "demonstrations").records)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(demos), generator=g).tolist()
-    n_eval = int(round(cfg.eval_fraction * len(demos)))
-    held = set(order[:n_eval])
-    train = [d for i, d in enumerate(demos) if i not in held]
-    return train, [demos[i] for i in sorted(held)]
+    return split_heldout(demos, cfg.eval_fraction, cfg.seed)
 
 
 def _save_model(model: Any, tokenizer: Any, path: Path, *, merged: bool, base_spec: str) -> None:
@@ -316,21 +309,10 @@ def sft(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     fast = cfg.train.fast_lm_head and world == 1
     pad_id = tok.pad_token_id
 
-    step = 0
-    if ckpt is not None:
-        state, blob = load_training_state(ckpt)
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        restore_rng(blob["rng"])
-        step = state["step"]
-        if acc.is_main_process:
-            console.print(f"resuming from {ckpt} (step {step}/{steps})")
-    metrics = MetricsLogger(
-        run.metrics_path,
-        resume_step=step if ckpt is not None else None,
-        accelerator=acc if cfg.tracker != "none" else None,
-    )
-    start_trackers(acc, cfg.tracker, "palate-sft", cfg)
+    step, metrics = resume_training(
+        acc=acc, run=run, ckpt=ckpt, optimizer=optimizer, scheduler=scheduler, total=steps,
+        tracker=cfg.tracker, project="palate-sft", cfg=cfg,
+    )  # fmt: skip
 
     def do_eval() -> float:
         return evaluate_loss(model, eval_ex, pad_id, cfg.train.batch_size, device, precision, fast)

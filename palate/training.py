@@ -427,3 +427,40 @@ def run_steps(
 def total_steps(settings: TrainSettings, n_examples: int, world: int) -> int:
     per_step = settings.batch_size * settings.grad_accum * world
     return settings.max_steps or settings.epochs * math.ceil(n_examples / per_step)
+
+
+def resume_training(
+    *,
+    acc: Any,
+    run: Any,
+    ckpt: Path | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    total: int,
+    tracker: str,
+    project: str,
+    cfg: Config,
+) -> tuple[int, Any]:
+    """Restore optimiser/scheduler/RNG from ``ckpt`` (if any) and open the metrics log.
+
+    Returns (the step to start from, a :class:`palate.rundir.MetricsLogger`).
+    """
+    from palate.progress import console
+    from palate.rundir import MetricsLogger
+
+    step = 0
+    if ckpt is not None:
+        state, blob = load_training_state(ckpt)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        restore_rng(blob["rng"])
+        step = state["step"]
+        if acc.is_main_process:
+            console.print(f"resuming from {ckpt} (step {step}/{total})")
+    metrics = MetricsLogger(
+        run.metrics_path,
+        resume_step=step if ckpt is not None else None,
+        accelerator=acc if tracker != "none" else None,
+    )
+    start_trackers(acc, tracker, project, cfg)
+    return step, metrics
