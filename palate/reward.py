@@ -52,16 +52,15 @@ from palate.training import (
     TrainSettings,
     apply_lora,
     autocast,
+    begin_stage,
     build_optimizer,
     disable_dropout,
     length_grouped_order,
-    make_accelerator,
     prune_checkpoints,
     resolve_precision,
     resume_training,
     run_steps,
     save_training_state,
-    seed_everything,
     total_steps,
     trainable_parameters,
 )
@@ -606,14 +605,7 @@ def score_file(cfg: RewardScoreConfig) -> dict[str, Any]:
 
 def train_reward(cfg: RewardConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     """``palate reward train``: Bradley-Terry training, normalisation, held-out evaluation."""
-    acc = make_accelerator(cfg.tracker, cfg.output_dir)
-    run = RunDir(cfg.output_dir)
-    if acc.is_main_process:
-        run.create(cfg)
-    acc.wait_for_everyone()
-    device = acc.device
-    precision = resolve_precision(cfg.train.precision, device)
-    seed_everything(cfg.seed)
+    acc, run, device, precision = begin_stage(cfg, cfg.train.precision)
 
     train_c, eval_c = _split(cfg)
     if not train_c:

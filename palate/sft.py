@@ -32,23 +32,20 @@ from palate.generation import SamplingConfig, generate_responses
 from palate.lm import selected_logits
 from palate.models import load_model
 from palate.progress import console
-from palate.rundir import RunDir
 from palate.training import (
     LoraSettings,
     OptimSettings,
     TrainSettings,
     apply_lora,
     autocast,
+    begin_stage,
     build_optimizer,
     disable_dropout,
     epoch_order,
-    make_accelerator,
     prune_checkpoints,
-    resolve_precision,
     resume_training,
     run_steps,
     save_training_state,
-    seed_everything,
     total_steps,
     trainable_parameters,
 )
@@ -258,14 +255,7 @@ def sft(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     ``stop_after=k`` stops after optimiser step k with a checkpoint, as if interrupted (used to
     test exact resume). Ctrl-C also saves a checkpoint before exiting.
     """
-    acc = make_accelerator(cfg.tracker, cfg.output_dir)
-    run = RunDir(cfg.output_dir)
-    if acc.is_main_process:
-        run.create(cfg)
-    acc.wait_for_everyone()
-    device = acc.device
-    precision = resolve_precision(cfg.train.precision, device)
-    seed_everything(cfg.seed)
+    acc, run, device, precision = begin_stage(cfg, cfg.train.precision)
 
     train_demos, eval_demos = _load_demos(cfg)
     if not train_demos:

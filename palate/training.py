@@ -464,3 +464,17 @@ def resume_training(
     )
     start_trackers(acc, tracker, project, cfg)
     return step, metrics
+
+
+def begin_stage(cfg: Any, precision: str) -> tuple[Any, Any, torch.device, str]:
+    """Accelerator, run directory (config written by the main process), device and precision
+    for a training stage whose config has ``output_dir``, ``tracker`` and ``seed``."""
+    from palate.rundir import RunDir
+
+    acc = make_accelerator(cfg.tracker, cfg.output_dir)
+    run = RunDir(cfg.output_dir)
+    if acc.is_main_process:
+        run.create(cfg)
+    acc.wait_for_everyone()
+    seed_everything(cfg.seed)
+    return acc, run, acc.device, resolve_precision(precision, acc.device)
