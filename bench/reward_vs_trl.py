@@ -6,9 +6,11 @@ batch size, max length, learning rate and number of steps. Reported per setting:
 pairs/s (mean over steps after --warmup) and peak RSS of each side's process, and the ratios.
 
 Settings:
-  like-for-like  fp32 on both; no length grouping in palate; TRL without gradient checkpointing.
+  like-for-like  fp32 on both; no length grouping and one forward per batch in palate; TRL
+                 without gradient checkpointing.
   best           each side at its best CPU settings: palate defaults (bf16 autocast where the CPU
-                 has it, length-grouped batches); TRL with bf16 and gradient checkpointing off.
+                 has it, length-grouped batches, chosen+rejected sorted into two forwards); TRL
+                 with bf16 and gradient checkpointing off.
 
 Usage (from the repo root, after `make setup`):
     python3 -m venv bench/.venv-trl && bench/.venv-trl/bin/pip install -r bench/requirements-trl.txt
@@ -63,6 +65,7 @@ def run_palate(args: argparse.Namespace) -> dict:
             f"train.batch_size={args.batch_size}",
             f"train.precision={'auto' if best else 'fp32'}",
             f"train.group_by_length={'true' if best else 'false'}",
+            f"train.forward_chunks={2 if best else 1}",
             "train.checkpoint_every=100000",
             "normalize=false",
         ],

@@ -1,15 +1,19 @@
 """Batched sampling from a causal LM with the KV cache (``model.generate``).
 
-Used to sample responses for inspection, for labeling campaigns and (later) PPO rollouts.
-Prompts are rendered with :mod:`palate.formatting` and left-padded; each response is cut at its
-first EOS and reports whether it ever emitted one (``finished``).
+Used to sample responses for inspection, for labeling campaigns and PPO rollouts. Prompts are
+rendered with :mod:`palate.formatting` and left-padded; each response is cut at its first EOS
+and reports whether it ever emitted one (``finished``).
+
+PPO samples through a :class:`RolloutEngine`: ``sync(policy)`` before each rollout, then
+``generate(query_ids, query_mask, sampling)``. Two engines ship (transformers ``generate``);
+a vLLM engine for GPUs implements the same two methods.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from pydantic import Field
@@ -18,7 +22,14 @@ from palate.config import Config
 from palate.data import Prompt
 from palate.formatting import prompt_ids
 
-__all__ = ["Generated", "SamplingConfig", "generate_responses"]
+__all__ = [
+    "Generated",
+    "MergedCopyEngine",
+    "PolicyEngine",
+    "RolloutEngine",
+    "SamplingConfig",
+    "generate_responses",
+]
 
 
 class SamplingConfig(Config):
@@ -93,3 +104,125 @@ def generate_responses(
     finally:
         model.train(was_training)
     return out
+
+
+# --------------------------------------------------------------------------- rollout engines
+
+
+class RolloutEngine(Protocol):
+    """What PPO needs from a sampler."""
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Take the policy's current weights (called before every rollout)."""
+
+    def generate(
+        self,
+        query_ids: torch.Tensor,  # (B, Tq) left-padded prompt ids
+        query_mask: torch.Tensor,  # (B, Tq)
+        sampling: SamplingConfig,
+        *,
+        pad_token_id: int,
+        eos_token_id: int,
+    ) -> torch.Tensor:  # (B, Tq + T): the queries followed by the sampled tokens
+        """Sample one response per query."""
+
+
+def _sample(model: Any, q: torch.Tensor, qm: torch.Tensor, s: SamplingConfig, autocast_ctx: Any,
+            pad: int, eos: int) -> torch.Tensor:  # fmt: skip
+    greedy = s.temperature == 0
+    model.eval()
+    with torch.no_grad(), autocast_ctx:
+        return model.generate(
+            input_ids=q,
+            attention_mask=qm,
+            max_new_tokens=s.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else s.temperature,
+            top_p=None if greedy else s.top_p,
+            top_k=None if greedy else s.top_k,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+
+
+class PolicyEngine:
+    """Samples with the training policy itself (no extra memory)."""
+
+    def __init__(self, autocast_factory: Callable[[], Any]):
+        self._autocast = autocast_factory
+        self._policy: Any = None
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        self._policy = policy
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingConfig,
+                 *, pad_token_id: int, eos_token_id: int) -> torch.Tensor:  # fmt: skip
+        was = self._policy.training
+        try:
+            return _sample(self._policy, query_ids, query_mask, sampling, self._autocast(),
+                           pad_token_id, eos_token_id)  # fmt: skip
+        finally:
+            self._policy.train(was)
+
+
+class MergedCopyEngine:
+    """Samples with an inference copy of the policy: LoRA merged in, frozen linears in bf16.
+
+    Generation runs one token at a time, so per-call overheads dominate: unmerged LoRA adds two
+    small matmuls per adapted layer per token, and autocast re-casts every fp32 weight per token.
+    The copy avoids both (one extra model in memory, in bf16 where the policy computes in bf16).
+    ``sync`` writes the policy's current weights into it: for LoRA only the adapted layers,
+    ``W + scale·B·A`` computed in fp32.
+    """
+
+    def __init__(self, policy: torch.nn.Module, precision: str,
+                 autocast_factory: Callable[[], Any]):  # fmt: skip
+        import copy
+
+        from palate.training import store_frozen_linears
+
+        self._autocast = autocast_factory
+        self._precision = precision
+        src = _unwrap(policy)
+        self._lora = hasattr(src, "merge_and_unload")
+        if self._lora:
+            # merged copy: deep-copy the peft model, then merge (weights become plain Linears)
+            self.model = copy.deepcopy(src).merge_and_unload()
+        else:
+            self.model = copy.deepcopy(src)
+        self.model.requires_grad_(False).eval()
+        self._targets = {}
+        if self._lora:
+            for name, module in src.base_model.model.named_modules():
+                if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                    self._targets[name] = self.model.get_submodule(name)
+        store_frozen_linears(self.model, precision)
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module) -> None:
+        src = _unwrap(policy)
+        if self._lora:
+            for name, module in src.base_model.model.named_modules():
+                target = self._targets.get(name)
+                if target is None:
+                    continue
+                w = module.base_layer.weight.float()
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        w = w + module.get_delta_weight(adapter).float()
+                target.weight.copy_(w.to(target.weight.dtype))
+        else:
+            mine = dict(self.model.named_parameters())
+            for name, p in src.named_parameters():
+                mine[name].copy_(p.detach().to(mine[name].dtype))
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingConfig,
+                 *, pad_token_id: int, eos_token_id: int) -> torch.Tensor:  # fmt: skip
+        return _sample(self.model, query_ids, query_mask, sampling, self._autocast(),
+                       pad_token_id, eos_token_id)  # fmt: skip
+
+
+def _unwrap(model: Any) -> Any:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model

@@ -40,7 +40,7 @@ from palate.config import Config
 from palate.data import Prompt, prompt_text, read_records, write_jsonl
 from palate.errors import ConfigError
 from palate.formatting import prompt_ids
-from palate.generation import SamplingConfig
+from palate.generation import MergedCopyEngine, PolicyEngine, RolloutEngine, SamplingConfig
 from palate.lm import base_model
 from palate.models import load_model
 from palate.ppo_math import (
@@ -74,6 +74,7 @@ from palate.training import (
     save_training_state,
     seed_everything,
     start_trackers,
+    store_frozen_linears,
 )
 
 __all__ = ["PPOConfig", "Rollout", "ppo"]
@@ -151,6 +152,12 @@ class PPOSettings(Config):
     target_approx_kl: float | None = Field(
         None, gt=0, description="Stop this update's epochs early when approx-KL exceeds it."
     )
+    forward_chunks: int = Field(
+        2,
+        ge=1,
+        description="Run each forward as this many groups of rows sorted by prompt length, "
+        "each trimmed to its own padding (same maths, less padding computed).",
+    )
     ptx_coef: float = Field(0.0, ge=0, description="Weight of an SFT loss mixed in (PPO-ptx).")
     ptx_data: str | None = Field(None, description="Demonstrations for the PPO-ptx loss.")
 
@@ -176,6 +183,12 @@ class PPOConfig(Config):
         description="Rollout sampling (log-probs use the same temperature).",
     )
     max_prompt_length: int = Field(256, ge=8, description="Prompts are cut from the left to this.")
+    rollout_engine: Literal["auto", "policy", "merged"] = Field(
+        "auto",
+        description="Sampler: 'policy' generates with the training policy; 'merged' with an "
+        "inference copy (LoRA merged, frozen weights in bf16; faster, one more model in memory); "
+        "'auto' = merged for LoRA or bf16, else policy.",
+    )
     kl: KLSettings = Field(default_factory=KLSettings, description="KL penalty.")
     critic: CriticSettings = Field(default_factory=CriticSettings, description="Critic.")
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO.")
@@ -288,6 +301,38 @@ def policy_forward(
     return logprobs, values, entropy
 
 
+def in_chunks(
+    fn: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor | None, ...]],
+    input_ids: torch.Tensor,  # (B, Tq + T)
+    attention_mask: torch.Tensor,  # (B, Tq + T)
+    tq: int,
+    chunks: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """``fn(ids, mask, tq)`` over groups of rows of similar prompt length, reassembled.
+
+    Rows are sorted by prompt length and cut into ``chunks`` groups; each group drops the
+    leading columns that are padding in all its rows and the response columns past its longest
+    response, so less padding is computed. Outputs are (B, T) again, in the original row order,
+    zero where trimmed (always masked positions). Same maths as one call; the graph is kept.
+    """
+    B, T = input_ids.shape[0], input_ids.shape[1] - tq
+    q_len = attention_mask[:, :tq].sum(1)
+    r_len = attention_mask[:, tq:].sum(1).clamp(min=1)
+    order = torch.argsort(q_len, stable=True)
+    size = math.ceil(B / max(1, min(chunks, B)))
+    parts: list[tuple[torch.Tensor | None, ...]] = []
+    for start in range(0, B, size):
+        idx = order[start : start + size]
+        lead, tail = tq - int(q_len[idx].max()), int(r_len[idx].max())
+        out = fn(input_ids[idx, lead : tq + tail], attention_mask[idx, lead : tq + tail], tq - lead)
+        parts.append(tuple(None if o is None else F.pad(o, (0, T - tail)) for o in out))
+    inverse = torch.argsort(order)
+    return tuple(
+        None if parts[0][k] is None else torch.cat([p[k] for p in parts])[inverse]  # type: ignore[misc]
+        for k in range(len(parts[0]))
+    )
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -303,7 +348,8 @@ def load_score_fn(source: RewardSource, device: torch.device, precision: str) ->
     from palate.reward import RewardModel
 
     rm = RewardModel.load(source.model)  # type: ignore[arg-type]
-    rm.model.to(device)
+    for module in rm.modules():
+        module.to(device).requires_grad_(False)
     rm.precision = precision
 
     def score(prompts: Sequence[Prompt], responses: Sequence[str]) -> torch.Tensor:
@@ -337,8 +383,10 @@ class PPOTrainer:
         self.ref: Any = None
         if cfg.finetune == "lora":
             policy = apply_lora(policy, cfg.lora)
+            store_frozen_linears(policy, self.precision)  # the base is also π_ref
         else:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            store_frozen_linears(self.ref, self.precision)
         self.policy = policy.to(self.device)
         hidden = base_model(policy).config.hidden_size
         self.value_head: ValueHead | None = None
@@ -348,6 +396,18 @@ class PPOTrainer:
             self.value_head = ValueHead(hidden).to(self.device)
         else:
             self.critic = self._separate_critic().to(self.device)
+        rm = getattr(self.score_fn, "reward_model", None)
+        if rm is not None:  # after the critic copied its fp32 weights
+            for module in rm.modules():
+                store_frozen_linears(module, self.precision)
+        engine = cfg.rollout_engine
+        if engine == "auto":
+            engine = "merged" if cfg.finetune == "lora" or self.precision == "bf16" else "policy"
+        ac = lambda: autocast(self.device, self.precision)  # noqa: E731
+        self.engine: RolloutEngine = (
+            MergedCopyEngine(self.acc.unwrap_model(self.policy), self.precision, ac)
+            if engine == "merged" else PolicyEngine(ac)
+        )  # fmt: skip
         params = [p for p in self.policy.parameters() if p.requires_grad]
         params += list(self.value_head.parameters()) if self.value_head is not None else []
         params += [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
@@ -392,9 +452,26 @@ class PPOTrainer:
             decoder = get_peft_model(decoder, LoraConfig(
                 r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                 target_modules=cfg.lora.target_modules))  # fmt: skip
+            store_frozen_linears(decoder, self.precision)
         return SeparateCritic(decoder, head)
 
     # ----------------------------------------------------------------- pieces
+
+    def _forward(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, tq: int, *,
+                 with_entropy: bool = False, reference: bool = False) -> tuple[Any, Any, Any]:  # fmt: skip
+        """log π, V and entropy at the T response positions: ``(B, T)`` each (V, entropy may be
+        None), in ``ppo.forward_chunks`` length-sorted groups."""
+        temperature = self.cfg.sampling.temperature or 1.0
+        head = None if reference else self.value_head
+        chunks = self.cfg.ppo.forward_chunks
+
+        def fn(i: torch.Tensor, m: torch.Tensor, t: int) -> tuple[Any, ...]:
+            logp, v, ent = policy_forward(model, head, i, m, t, temperature, with_entropy)
+            if self.critic is not None and not reference:
+                v = self._values(i, m, t)
+            return logp, v, ent
+
+        return in_chunks(fn, ids, mask, tq, chunks)
 
     def _values(self, ids: torch.Tensor, mask: torch.Tensor, tq: int) -> torch.Tensor | None:
         if self.critic is None:
@@ -415,21 +492,9 @@ class PPOTrainer:
             q[i, tq - len(x) :] = torch.tensor(x)
             qm[i, tq - len(x) :] = 1
         q, qm = q.to(self.device), qm.to(self.device)
-        gen_model = self.acc.unwrap_model(self.policy)
-        gen_model.eval()
-        greedy = s.temperature == 0
-        with autocast(self.device, self.precision):
-            out = gen_model.generate(
-                input_ids=q,
-                attention_mask=qm,
-                max_new_tokens=s.max_new_tokens,
-                do_sample=not greedy,
-                temperature=None if greedy else s.temperature,
-                top_p=None if greedy else s.top_p,
-                top_k=None if greedy else s.top_k,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
+        self.engine.sync(self.acc.unwrap_model(self.policy))
+        out = self.engine.generate(q, qm, s, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=tok.eos_token_id)  # fmt: skip
         resp = out[:, tq:]
         if resp.shape[1] == 0:
             resp = torch.full((len(ids), 1), tok.eos_token_id, device=self.device)
@@ -446,20 +511,14 @@ class PPOTrainer:
         resp = torch.where(mask.bool(), resp, torch.full_like(resp, tok.pad_token_id))
         full = torch.cat([q, resp], 1)
         full_mask = torch.cat([qm, mask], 1)
-        temperature = s.temperature if s.temperature > 0 else 1.0
         with autocast(self.device, self.precision):
-            logprobs, values, _ = policy_forward(self.policy, self.value_head, full, full_mask, tq,
-                                                 temperature)  # fmt: skip
-            if self.critic is not None:
-                values = self._values(full, full_mask, tq)
+            logprobs, values, _ = self._forward(self.policy, full, full_mask, tq)
             if self.ref is not None:
-                ref_logprobs, _, _ = policy_forward(
-                    self.ref, None, full, full_mask, tq, temperature
-                )
+                ref_logprobs, _, _ = self._forward(self.ref, full, full_mask, tq, reference=True)
             else:
                 with base_model_adapter_disabled(self.policy):
-                    ref_logprobs, _, _ = policy_forward(self.policy, None, full, full_mask, tq,
-                                                        temperature)  # fmt: skip
+                    ref_logprobs, _, _ = self._forward(self.policy, full, full_mask, tq,
+                                                       reference=True)  # fmt: skip
         texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip()
                  for r, m in zip(resp, mask, strict=True)]  # fmt: skip
         raw = torch.as_tensor(self.score_fn(prompts, texts), dtype=torch.float32).reshape(-1)
@@ -490,7 +549,6 @@ class PPOTrainer:
         tq = ro.query_ids.shape[1]
         full = torch.cat([ro.query_ids, ro.response_ids], 1)
         full_mask = torch.cat([ro.query_mask, ro.mask.long()], 1)
-        temperature = self.cfg.sampling.temperature or 1.0
         stats: dict[str, list[float]] = {}
         self.policy.train()
         stop = False
@@ -502,12 +560,8 @@ class PPOTrainer:
                 idx = perm[start : start + cfg.mini_batch_size]
                 m = ro.mask[idx]
                 with autocast(self.device, self.precision):
-                    logp, v, ent = policy_forward(
-                        self.policy, self.value_head, full[idx], full_mask[idx], tq, temperature,
-                        with_entropy=True,
-                    )  # fmt: skip
-                    if self.critic is not None:
-                        v = self._values(full[idx], full_mask[idx], tq)
+                    logp, v, ent = self._forward(self.policy, full[idx], full_mask[idx], tq,
+                                                 with_entropy=True)  # fmt: skip
                 pg, clipfrac, approxkl = policy_loss(
                     logp,
                     ro.logprobs[idx],
@@ -668,6 +722,21 @@ class base_model_adapter_disabled:  # noqa: N801 - used as a context manager
         self._ctx.__exit__(*exc)
 
 
+def merged_policy(spec: str, peft_policy: Any) -> Any:
+    """The fp32 initial weights with the trained adapters merged in.
+
+    The policy in memory may hold its frozen base in bf16 (see
+    :func:`palate.training.store_frozen_linears`); merging there would round the update away,
+    so the adapters are merged into a fresh fp32 load of the initial model.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base, _ = load_model(spec)
+    fresh = get_peft_model(base, copy.deepcopy(peft_policy.peft_config["default"]))
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_policy))
+    return fresh.merge_and_unload()
+
+
 def ppo(
     cfg: PPOConfig, *, score_fn: ScoreFn | None = None, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -751,7 +820,7 @@ def ppo(
         return summary
     final = trainer.acc.unwrap_model(trainer.policy)
     if cfg.finetune == "lora":
-        final = copy.deepcopy(final).merge_and_unload()
+        final = merged_policy(cfg.model, final)
     final.save_pretrained(run.final, safe_serialization=True)
     trainer.tok.save_pretrained(run.final)
     summary["final"] = str(run.final)

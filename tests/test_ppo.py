@@ -94,14 +94,26 @@ def test_first_minibatch_is_on_policy(tmp_path: Path, sft_policy) -> None:
     assert (last_tokens[finished] == trainer.tok.eos_token_id).all()
 
 
-@pytest.mark.parametrize("mode", ["shared", "separate"])
-def test_critic_modes_and_lora(tmp_path: Path, sft_policy, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "precision"), [("shared", "bf16"), ("separate", "fp32")])
+def test_critic_modes_and_lora(tmp_path: Path, sft_policy, mode: str, precision: str) -> None:
+    from safetensors.torch import load_file
+
     summary = ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=2", f"critic.mode={mode}",
-                           "critic.init=policy", "finetune=lora"), score_fn=bright)  # fmt: skip
+                           "critic.init=policy", "finetune=lora", f"precision={precision}",
+                           "optim.lr=1e-3"), score_fn=bright)  # fmt: skip
     assert summary["updates"] == 2
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step-*"))
     name = "value_head.safetensors" if mode == "shared" else "critic.safetensors"
     assert (ckpt / name).is_file() and (ckpt / "policy" / "adapter_model.safetensors").is_file()
+    # final/ = the fp32 initial weights + the adapter delta, even when the frozen base ran in bf16
+    init = load_file(Path(sft_policy[0]) / "model.safetensors")
+    final = load_file(Path(summary["final"]) / "model.safetensors")
+    ad = load_file(ckpt / "policy" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    a = next(v for k, v in ad.items() if "layers.0.self_attn.q_proj.lora_A" in k)
+    b = next(v for k, v in ad.items() if "layers.0.self_attn.q_proj.lora_B" in k)
+    assert final[key].dtype == torch.float32 and b.abs().max() > 0
+    torch.testing.assert_close(final[key], init[key] + 2.0 * b @ a, rtol=0, atol=1e-6)
 
 
 def test_resume_reproduces_uninterrupted_metrics(tmp_path: Path, sft_policy) -> None:
@@ -131,3 +143,25 @@ def test_config_needs_one_reward_source(tmp_path: Path) -> None:
         load_config(PPOConfig, None, [*base, "reward.model=rm", "reward.function=m:f"])
     with pytest.raises(ConfigError, match="multiple of ppo.mini_batch_size"):
         load_config(PPOConfig, None, [*base, "reward.model=rm", "ppo.batch_size=6"])
+
+
+def test_chunked_forward_equals_one_forward(tiny) -> None:
+    from palate.ppo import ValueHead, in_chunks, policy_forward
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight)
+    B, tq, T = 5, 9, 6
+    ids = torch.randint(3, 200, (B, tq + T))
+    mask = torch.ones_like(ids)
+    for i, (lead, resp) in enumerate([(0, 6), (4, 2), (7, 6), (2, 1), (5, 3)]):
+        mask[i, :lead] = 0  # left padding of the prompt
+        mask[i, tq + resp :] = 0  # response ended
+        ids[i, :lead] = tok.pad_token_id
+    want = policy_forward(model, head, ids, mask, tq, 0.7, with_entropy=True)
+    for chunks in (1, 2, 3, 5, 9):
+        got = in_chunks(lambda i, m, t: policy_forward(model, head, i, m, t, 0.7, True),
+                        ids, mask, tq, chunks)  # fmt: skip
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g * mask[:, tq:], w * mask[:, tq:], rtol=1e-5, atol=1e-5)
