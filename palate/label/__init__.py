@@ -1,0 +1,1 @@
+"""Step 2 — the preference collection app (``palate serve``, ``palate label``)."""

@@ -1,0 +1,25 @@
+"""Alembic migrations, run from code (no alembic.ini): ``upgrade(engine)`` at server start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+HERE = Path(__file__).resolve().parent
+
+
+def alembic_config(engine: Engine):  # noqa: ANN201 - alembic.config.Config
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE / "migrations"))
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema at ``engine`` to ``revision`` (creating it on an empty database)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(engine), revision)
