@@ -251,6 +251,62 @@ stage(
 )(ppo)
 
 
+from palate.label.campaign import (  # noqa: E402
+    LabelCreateConfig,
+    LabelExportConfig,
+    LabelUserConfig,
+    add_label_user,
+    create_label_campaign,
+    export_label_campaign,
+)
+
+label_app = typer.Typer(
+    help="Step 2: preference collection (campaigns, raters, export).", no_args_is_help=True
+)
+app.add_typer(label_app, name="label")
+stage(
+    "label create",
+    LabelCreateConfig,
+    "Create a labeling campaign from ready pairs or from a model's samples.",
+    label_app,
+)(create_label_campaign)
+stage(
+    "label export",
+    LabelExportConfig,
+    "Export a campaign's labels as comparisons JSONL (soft labels, ties, raters).",
+    label_app,
+)(export_label_campaign)
+stage(
+    "label user",
+    LabelUserConfig,
+    "Add a rater or admin; prints their invite link path and API token (shown once).",
+    label_app,
+)(add_label_user)
+
+
+@app.command("serve")
+def serve(
+    db: Annotated[str, typer.Option(help="Database URL or SQLite file path.")] = "palate-labels.db",
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    secure_cookies: Annotated[
+        bool, typer.Option(help="Send session cookies over HTTPS only (behind TLS).")
+    ] = False,
+) -> None:
+    """Run the labeling web app (raters compare responses; admins see the dashboard).
+
+    Set PALATE_SECRET_KEY to keep sessions valid across restarts.
+    """
+    import uvicorn
+
+    from palate.label.app import create_app
+
+    application = create_app(db, secret_key=os.environ.get("PALATE_SECRET_KEY"),
+                             secure_cookies=secure_cookies)  # fmt: skip
+    err.print(f"palate labeling app on http://{host}:{port}  (database: {db})")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning PalateErrors into one clean line."""
     logging.basicConfig(level=os.environ.get("PALATE_LOG", "WARNING"), format="%(message)s")

@@ -139,12 +139,17 @@ class Label(Base):
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
+    """WAL (readers never block the writer), durable commits, and a generous busy timeout so
+    writers queue rather than fail. The sqlite3 driver opens a transaction only at the first
+    write statement, so every write transaction starts with a write and waits its turn (a
+    transaction that read first and then tried to write could fail at once under WAL)."""
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=FULL")  # a label that returned success survives a kill
-        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA busy_timeout=60000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -154,7 +159,12 @@ def make_engine(url: str) -> Engine:
     if "://" not in url:
         url = f"sqlite:///{Path(url).resolve()}"
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 60},
+            pool_size=20,
+            max_overflow=40,
+        )
         _sqlite_pragmas(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -1,0 +1,152 @@
+"""``palate label create`` / ``palate label export`` / ``palate label user``: campaigns from files
+or from a model's samples, exports that ``palate reward train`` reads directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from palate.config import Config
+from palate.data import read_records, write_jsonl
+from palate.errors import ConfigError, DataError
+from palate.label.db import ANSWERS, Campaign, open_db
+from palate.label.store import PairIn, create_campaign, create_user, export_rows
+
+
+class LabelCreateConfig(Config):
+    """Config for ``palate label create``."""
+
+    db: str = Field(description="Database URL (postgresql://...) or a SQLite file path.")
+    name: str = Field(description="Campaign name (unique).")
+    pairs: str | None = Field(
+        None,
+        description="Ready pairs: JSONL rows {prompt, response_a, response_b[, gold, source_a, "
+        "source_b]} or comparisons {prompt, chosen, rejected}.",
+    )
+    prompts: str | None = Field(None, description="Or prompts to sample pairs for, with `model`.")
+    model: str | None = Field(None, description="Model that samples the responses (with prompts).")
+    samples_per_prompt: int = Field(2, ge=2, description="k responses per prompt → k/2 pairs.")
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+    max_new_tokens: int = Field(128, ge=1, description="Sampling length.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    overlap: int = Field(1, ge=1, description="Raters per pair.")
+    guidelines: str | None = Field(None, description="Markdown file shown to raters.")
+    answers: list[Literal["a", "b", "tie", "both_bad"]] = Field(
+        default_factory=lambda: list(ANSWERS), description="Allowed answers."
+    )
+    gold: str | None = Field(
+        None, description="Honeypot pairs with known answers: JSONL like `pairs` with `gold`."
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> LabelCreateConfig:
+        if (self.pairs is None) == (self.prompts is None):
+            raise ValueError("set exactly one of pairs and prompts")
+        if self.prompts is not None and self.model is None:
+            raise ValueError("prompts needs model (the policy that samples responses)")
+        return self
+
+
+def _read_pairs(path: str) -> list[PairIn]:
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{n}: not JSON ({err.msg})") from err
+        if "response_a" in row and "response_b" in row and "prompt" in row:
+            out.append(PairIn(prompt=row["prompt"], response_a=row["response_a"],
+                              response_b=row["response_b"], source_a=row.get("source_a", ""),
+                              source_b=row.get("source_b", ""), gold=row.get("gold"),
+                              meta=row.get("metadata") or {}))  # fmt: skip
+        elif {"prompt", "chosen", "rejected"} <= set(row):
+            prompt = row["prompt"]
+            out.append(PairIn(prompt=prompt, response_a=row["chosen"], response_b=row["rejected"],
+                              gold=row.get("gold")))  # fmt: skip
+        else:
+            raise DataError(
+                f"{path}:{n}: expected prompt with response_a/response_b (or chosen/rejected)"
+            )
+    return out
+
+
+def _sampled_pairs(cfg: LabelCreateConfig) -> list[PairIn]:
+    from palate.generation import SamplingConfig, generate_responses
+    from palate.models import load_model
+
+    prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records]  # type: ignore[arg-type]
+    prompts = prompts[: cfg.max_prompts]
+    model, tok = load_model(cfg.model)  # type: ignore[arg-type]
+    k = cfg.samples_per_prompt - cfg.samples_per_prompt % 2
+    many = [p for p in prompts for _ in range(k)]
+    gens = generate_responses(model, tok, many, SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))  # fmt: skip
+    pairs = []
+    for i in range(0, len(many), 2):
+        p = many[i]
+        prompt: Any = p if isinstance(p, str) else [m.model_dump() for m in p]
+        pairs.append(PairIn(prompt=prompt, response_a=gens[i].text, response_b=gens[i + 1].text,
+                            source_a=str(cfg.model), source_b=str(cfg.model)))  # fmt: skip
+    return pairs
+
+
+def create_label_campaign(cfg: LabelCreateConfig) -> dict[str, Any]:
+    """Build the campaign (reads and validates everything before writing anything)."""
+    pairs = _read_pairs(cfg.pairs) if cfg.pairs else _sampled_pairs(cfg)
+    gold = _read_pairs(cfg.gold) if cfg.gold else []
+    if any(g.gold is None for g in gold):
+        raise DataError(f"{cfg.gold}: every gold pair needs a `gold` answer")
+    guidelines = Path(cfg.guidelines).read_text() if cfg.guidelines else ""
+    factory = open_db(cfg.db)
+    with factory() as db:
+        camp = create_campaign(db, cfg.name, pairs + gold, overlap=cfg.overlap,
+                               guidelines=guidelines, answers=cfg.answers,
+                               source=str(cfg.model or cfg.pairs))  # fmt: skip
+        return {"stage": "label-create", "campaign": camp.name, "campaign_id": camp.id,
+                "pairs": len(pairs), "gold_pairs": len(gold), "overlap": cfg.overlap}  # fmt: skip
+
+
+class LabelExportConfig(Config):
+    """Config for ``palate label export``."""
+
+    db: str = Field(description="Database URL or SQLite file path.")
+    campaign: str = Field(description="Campaign name.")
+    output: str = Field(
+        description="Comparisons JSONL to write (what `palate reward train` reads)."
+    )
+
+
+def export_label_campaign(cfg: LabelExportConfig) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    factory = open_db(cfg.db)
+    with factory() as db:
+        camp = db.scalar(select(Campaign).where(Campaign.name == cfg.campaign))
+        if camp is None:
+            raise ConfigError(f"{cfg.db}: no campaign named {cfg.campaign!r}")
+        rows = export_rows(db, camp)
+    write_jsonl(cfg.output, rows)
+    return {"stage": "label-export", "campaign": cfg.campaign, "comparisons": len(rows),
+            "output": cfg.output}  # fmt: skip
+
+
+class LabelUserConfig(Config):
+    """Config for ``palate label user``."""
+
+    db: str = Field(description="Database URL or SQLite file path.")
+    name: str = Field(description="User name (unique).")
+    role: Literal["rater", "admin"] = Field("rater", description="rater or admin.")
+    password: str | None = Field(None, description="Password (else log in with the invite link).")
+
+
+def add_label_user(cfg: LabelUserConfig) -> dict[str, Any]:
+    factory = open_db(cfg.db)
+    with factory() as db:
+        user, invite, api = create_user(db, cfg.name, cfg.role, cfg.password)
+    return {"stage": "label-user", "name": user.name, "role": user.role,
+            "invite_path": f"/invite/{invite}", "api_token": api}  # fmt: skip

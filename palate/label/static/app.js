@@ -1,0 +1,19 @@
+// Keyboard shortcuts on the rater page: 1-4 pick an answer, Enter submits, s skips, g guidelines.
+(function () {
+  const form = document.getElementById("label-form");
+  if (!form) return;
+  document.addEventListener("keydown", function (e) {
+    const t = e.target;
+    if (t && (t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && t.type === "text"))) return;
+    const radio = form.querySelector('input[name="answer"][data-key="' + e.key + '"]');
+    if (radio) { radio.checked = true; e.preventDefault(); return; }
+    if (e.key === "Enter") {
+      if (form.querySelector('input[name="answer"]:checked')) { form.requestSubmit(); }
+      e.preventDefault();
+    } else if (e.key === "s") {
+      document.getElementById("skip-form").requestSubmit();
+    } else if (e.key === "g") {
+      window.open(document.getElementById("guidelines-link").href, "_blank");
+    }
+  });
+})();

@@ -1,0 +1,86 @@
+"""Dashboard numbers: progress, speed, agreement (Krippendorff's alpha via ``krippendorff``),
+each rater's agreement with the majority, gold accuracy, flags."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from palate.label.db import ANSWERS, Campaign, Label, Pair, User
+
+
+def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
+    pairs = {p.id: p for p in db.scalars(select(Pair).where(Pair.campaign_id == campaign.id))}
+    labels = list(db.scalars(select(Label).where(Label.pair_id.in_(list(pairs) or [-1]))))
+    names = {u.id: u.name for u in db.scalars(select(User))}
+    by_pair: dict[int, list[Label]] = defaultdict(list)
+    for lab in labels:
+        by_pair[lab.pair_id].append(lab)
+
+    # pairwise % agreement over pairs with >= 2 labels
+    agree = total = 0
+    for labs in by_pair.values():
+        for x, y in combinations(labs, 2):
+            total += 1
+            agree += x.answer == y.answer
+    # Krippendorff's alpha (nominal): raters x pairs, NaN where missing
+    alpha = None
+    raters = sorted({lab.rater_id for lab in labels})
+    multi = [pid for pid, labs in by_pair.items() if len(labs) >= 2]
+    if len(raters) >= 2 and multi:
+        import krippendorff
+
+        code = {a: i for i, a in enumerate(ANSWERS)}
+        data = np.full((len(raters), len(multi)), np.nan)
+        r_index = {r: i for i, r in enumerate(raters)}
+        for j, pid in enumerate(multi):
+            for lab in by_pair[pid]:
+                data[r_index[lab.rater_id], j] = code[lab.answer]
+        if len({v for v in data.flatten() if not np.isnan(v)}) > 1:
+            alpha = float(krippendorff.alpha(reliability_data=data,
+                                             level_of_measurement="nominal"))  # fmt: skip
+
+    # per rater: labels, median seconds, agreement with the majority of the others, gold accuracy
+    per_rater: dict[int, dict[str, Any]] = {}
+    for r in raters:
+        mine = [lab for lab in labels if lab.rater_id == r]
+        secs = [lab.seconds for lab in mine if lab.seconds is not None]
+        maj_hits = maj_n = gold_hits = gold_n = 0
+        for lab in mine:
+            others = [o.answer for o in by_pair[lab.pair_id] if o.rater_id != r]
+            if others:
+                top, count = Counter(others).most_common(1)[0]
+                if count > len(others) / 2:
+                    maj_n += 1
+                    maj_hits += lab.answer == top
+            gold = pairs[lab.pair_id].gold
+            if gold is not None:
+                gold_n += 1
+                gold_hits += lab.answer == gold
+        per_rater[r] = {
+            "rater": names.get(r, str(r)),
+            "labels": len(mine),
+            "median_seconds": statistics.median(secs) if secs else None,
+            "majority_agreement": maj_hits / maj_n if maj_n else None,
+            "gold_accuracy": gold_hits / gold_n if gold_n else None,
+        }
+    secs_all = [lab.seconds for lab in labels if lab.seconds is not None]
+    return {
+        "campaign": campaign.name,
+        "pairs": len(pairs),
+        "labels": len(labels),
+        "target": len(pairs) * campaign.overlap,
+        "complete_pairs": sum(len(by_pair[p]) >= campaign.overlap for p in pairs),
+        "median_seconds": statistics.median(secs_all) if secs_all else None,
+        "pairwise_agreement": agree / total if total else None,
+        "krippendorff_alpha": alpha,
+        "answers": dict(Counter(lab.answer for lab in labels)),
+        "flags": dict(Counter(f for lab in labels for f in lab.flags)),
+        "raters": list(per_rater.values()),
+    }

@@ -1,0 +1,155 @@
+"""The web app and JSON API over real HTTP semantics (FastAPI's TestClient), fresh SQLite each."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from palate.label.app import create_app
+from palate.label.store import PairIn, create_campaign, create_user
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    app = create_app(str(tmp_path / "l.db"), secret_key="test")
+    with app.state.sessionmaker() as db:
+        create_user(db, "admin", "admin", password="pw-admin")
+        _, invite, rater_token = create_user(db, "rita", "rater", password="pw-rita")
+        _, _, other_token = create_user(db, "otto", "rater")
+        admin_token = None
+        pairs = [PairIn(prompt=[{"role": "user", "content": f"q{i}"}], response_a=f"A{i}",
+                        response_b=f"B{i}") for i in range(3)]  # fmt: skip
+        pairs.append(PairIn(prompt="xss?", response_a="<script>alert(1)</script>",
+                            response_b="<b>bold</b>"))  # fmt: skip
+        camp = create_campaign(db, "camp", pairs, overlap=2, guidelines="# Be *kind*\n<i>x</i>")
+    return app, {"camp": camp.id, "invite": invite, "rater": rater_token, "other": other_token,
+                 "admin": admin_token}  # fmt: skip
+
+
+def login(client: TestClient, name: str, password: str) -> None:
+    page = client.get("/login").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = client.post("/login", data={"name": name, "password": password, "csrf": csrf},
+                    follow_redirects=False)  # fmt: skip
+    assert r.status_code == 303, r.text
+
+
+def csrf_of(page: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def test_pages_need_login_and_admin(setup) -> None:
+    app, ids = setup
+    c = TestClient(app)
+    assert c.get("/", follow_redirects=False).headers["location"] == "/login"
+    login(c, "rita", "pw-rita")
+    assert c.get("/").status_code == 200
+    assert c.get("/admin").status_code == 403
+    assert c.get(f"/admin/campaigns/{ids['camp']}/export").status_code == 403
+    a = TestClient(app)
+    login(a, "admin", "pw-admin")
+    assert a.get("/admin").status_code == 200
+
+
+def test_wrong_password_and_invite_link(setup) -> None:
+    app, ids = setup
+    c = TestClient(app)
+    page = c.get("/login").text
+    r = c.post("/login", data={"name": "rita", "password": "nope", "csrf": csrf_of(page)})
+    assert "Wrong name or password" in r.text
+    r = c.get(f"/invite/{ids['invite']}", follow_redirects=False)
+    assert r.status_code == 303 and c.get("/").status_code == 200
+    assert TestClient(app).get("/invite/bogus").status_code == 404
+
+
+def test_form_post_without_csrf_fails(setup) -> None:
+    app, ids = setup
+    c = TestClient(app)
+    login(c, "rita", "pw-rita")
+    page = c.get(f"/campaigns/{ids['camp']}/rate").text
+    aid = re.search(r'name="assignment_id" value="(\d+)"', page).group(1)
+    r = c.post(f"/campaigns/{ids['camp']}/rate", data={"assignment_id": aid, "answer": "a"})
+    assert r.status_code == 403
+    r = c.post(f"/campaigns/{ids['camp']}/rate",
+               data={"assignment_id": aid, "answer": "a", "csrf": "forged"})  # fmt: skip
+    assert r.status_code == 403
+    r = c.post(f"/campaigns/{ids['camp']}/rate", follow_redirects=False,
+               data={"assignment_id": aid, "answer": "a", "csrf": csrf_of(page)})  # fmt: skip
+    assert r.status_code == 303
+
+
+def test_model_output_is_escaped(setup) -> None:
+    app, ids = setup
+    c = TestClient(app)
+    login(c, "rita", "pw-rita")
+    seen = ""
+    for _ in range(4):
+        page = c.get(f"/campaigns/{ids['camp']}/rate").text
+        seen += page
+        c.post(f"/campaigns/{ids['camp']}/rate", data={
+            "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page).group(1),
+            "answer": "tie", "csrf": csrf_of(page)})  # fmt: skip
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in seen and "<script>alert" not in seen
+    assert "&lt;b&gt;bold&lt;/b&gt;" in seen
+    g = c.get(f"/campaigns/{ids['camp']}/guidelines").text
+    assert "<em>kind</em>" in g and "<i>x</i>" not in g  # Markdown rendered, raw HTML escaped
+
+
+def test_rater_labels_pages_until_done_with_order_recorded(setup) -> None:
+    app, ids = setup
+    c = TestClient(app)
+    login(c, "rita", "pw-rita")
+    n = 0
+    while True:
+        page = c.get(f"/campaigns/{ids['camp']}/rate").text
+        if 'id="done"' in page:
+            break
+        c.post(f"/campaigns/{ids['camp']}/rate", data={
+            "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page).group(1),
+            "answer": "a", "strength": "clearly", "flags": ["evasive"], "comment": "ok",
+            "started": "1", "csrf": csrf_of(page)})  # fmt: skip
+        n += 1
+    assert n == 4  # each pair once for this rater
+
+
+def test_api_flow_and_permissions(setup) -> None:
+    app, ids = setup
+    c = TestClient(app)
+    cid = ids["camp"]
+    assert c.post(f"/api/v1/campaigns/{cid}/next").status_code == 401
+    h = {"Authorization": f"Bearer {ids['rater']}"}
+    other = {"Authorization": f"Bearer {ids['other']}"}
+    r = c.post(f"/api/v1/campaigns/{cid}/next", headers=h)
+    job = r.json()
+    assert set(job) >= {"assignment_id", "prompt", "a", "b", "answers"}
+    # another rater cannot label it, nor export
+    assert c.post(f"/api/v1/assignments/{job['assignment_id']}/label", headers=other,
+                  json={"answer": "a"}).status_code == 403  # fmt: skip
+    assert c.get(f"/api/v1/campaigns/{cid}/export", headers=h).status_code == 403
+    assert c.post(f"/api/v1/assignments/{job['assignment_id']}/label", headers=h,
+                  json={"answer": "maybe"}).status_code == 400  # fmt: skip
+    done = 0
+    for token in (ids["rater"], ids["other"]):
+        hh = {"Authorization": f"Bearer {token}"}
+        while (r := c.post(f"/api/v1/campaigns/{cid}/next", headers=hh)).status_code == 200:
+            j = r.json()
+            assert c.post(f"/api/v1/assignments/{j['assignment_id']}/label", headers=hh,
+                          json={"answer": "a" if "A" in j["a"] else "b"}).status_code == 200  # fmt: skip
+            done += 1
+    assert done == 8  # 4 pairs x overlap 2
+    prog = c.get(f"/api/v1/campaigns/{cid}/progress", headers=h).json()
+    assert prog["campaign"]["labels"] == 8 and prog["mine"]["labels"] == 4
+    # admin export over the web: comparisons with soft labels and raters
+    a = TestClient(app)
+    login(a, "admin", "pw-admin")
+    body = a.get(f"/admin/campaigns/{cid}/export").text
+    rows = [json.loads(x) for x in body.splitlines()]
+    assert len(rows) == 4
+    assert all(r["prob_chosen"] == 1.0 for r in rows[:3])
+    assert all(r["chosen"].startswith("A") for r in rows[:3])
+    dash = a.get("/admin").text
+    assert "rita" in dash and "otto" in dash and "8 / 8 labels" in dash
