@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.palate-setup
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint format demo clean
+.PHONY: setup sysdeps test test-fast lint format demo clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,12 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Chromium and PostgreSQL for the labeling app's browser and database tests (apt-get if missing).
+sysdeps:
+	bash scripts/system-deps.sh
+
 # The whole suite, including the few tests that load the real 135M model (what CI runs).
-test: setup lint
+test: setup lint sysdeps
 	$(VENV)/bin/pytest -q --run-slow $(PYTEST_ARGS)
 
 # The fast part only (tiny random models, seconds).

@@ -25,12 +25,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 
-from palate.errors import ConfigError
+from palate.errors import ConfigError, PalateError
+from palate.label.campaign import parse_pairs
 from palate.label.db import FLAGS, STRENGTHS, Assignment, Campaign, Pair, User, open_db
 from palate.label.stats import campaign_stats
 from palate.label.store import (
     LabelIn,
     check_password,
+    create_campaign,
     create_user,
     export_rows,
     next_assignment,
@@ -193,6 +195,8 @@ def create_app(
         a = db.get(Assignment, assignment_id)
         if a is None or a.campaign_id != cid:
             raise HTTPException(status_code=404, detail="no such assignment")
+        if a.rater_id == user.id and a.status != "open":  # a double submit: keep the first
+            return RedirectResponse(f"/campaigns/{cid}/rate", status_code=303)
         seconds = time.time() - started if started else None
         try:
             submit_label(db, a, user, LabelIn(answer=answer, strength=strength or None,
@@ -244,6 +248,25 @@ def create_app(
         base = str(request.base_url).rstrip("/")
         request.session["created"] = {"name": new.name, "invite": f"{base}/invite/{invite}",
                                       "api_token": api}  # fmt: skip
+        return RedirectResponse("/admin", status_code=303)
+
+    @app.post("/admin/campaigns")
+    async def add_campaign(request: Request, user: User = Depends(admin_user)) -> Response:
+        form = await request.form()
+        check_csrf(request, str(form.get("csrf", "")))
+        upload = form.get("pairs")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(status_code=400, detail="pairs: upload a JSONL file")
+        text = (await upload.read()).decode("utf-8", errors="replace")
+        try:
+            pairs = parse_pairs(text, upload.filename or "pairs")
+            overlap = int(str(form.get("overlap", "1")))
+            with factory() as db:
+                create_campaign(db, str(form.get("name", "")).strip(), pairs, overlap=overlap,
+                                guidelines=str(form.get("guidelines", "")),
+                                source=upload.filename or "")  # fmt: skip
+        except (PalateError, ValueError) as err:
+            raise HTTPException(status_code=400, detail=str(err)) from err
         return RedirectResponse("/admin", status_code=303)
 
     @app.get("/admin/campaigns/{cid}/export")

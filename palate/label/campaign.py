@@ -51,8 +51,15 @@ class LabelCreateConfig(Config):
 
 
 def _read_pairs(path: str) -> list[PairIn]:
+    return parse_pairs(Path(path).read_text(), path)
+
+
+def parse_pairs(text: str, name: str = "pairs") -> list[PairIn]:
+    """JSONL rows {prompt, response_a, response_b[, gold, source_a, source_b]} or comparisons
+    {prompt, chosen, rejected}; errors name the line."""
+    path = name
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

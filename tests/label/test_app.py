@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,8 +13,8 @@ from palate.label.store import PairIn, create_campaign, create_user
 
 
 @pytest.fixture
-def setup(tmp_path: Path):
-    app = create_app(str(tmp_path / "l.db"), secret_key="test")
+def setup(db_url: str):
+    app = create_app(db_url, secret_key="test")
     with app.state.sessionmaker() as db:
         create_user(db, "admin", "admin", password="pw-admin")
         _, invite, rater_token = create_user(db, "rita", "rater", password="pw-rita")

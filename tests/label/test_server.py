@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -72,8 +71,8 @@ def rater_loop(url: str, cid: int, token: str, done: list[int], stop: threading.
 
 
 @pytest.mark.timeout(600)
-def test_50_concurrent_raters_fill_500_pairs_exactly(tmp_path: Path) -> None:
-    db = str(tmp_path / "c.db")
+def test_50_concurrent_raters_fill_500_pairs_exactly(db_url: str) -> None:
+    db = db_url
     cid, tokens = make_campaign(db, 500, 3, 50)
     proc, url = start_server(db)
     try:
@@ -108,8 +107,8 @@ def test_50_concurrent_raters_fill_500_pairs_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_loses_no_acknowledged_label(tmp_path: Path) -> None:
-    db = str(tmp_path / "d.db")
+def test_sigkill_loses_no_acknowledged_label(db_url: str) -> None:
+    db = db_url
     cid, tokens = make_campaign(db, 300, 2, 8)
     proc, url = start_server(db)
     done: list[int] = []

@@ -24,8 +24,8 @@ from palate.label.store import (
 
 
 @pytest.fixture
-def db(tmp_path: Path):
-    factory = open_db(str(tmp_path / "labels.db"))
+def db(db_url: str):
+    factory = open_db(db_url)
     with factory() as session:
         yield session
 
@@ -126,3 +126,34 @@ def test_export_aggregates_votes_into_soft_labels(db, tmp_path: Path) -> None:
     write_jsonl(path, rows)
     comps = read_records(path, "comparisons").records
     assert len(comps) == 2 and comps[1].tie and comps[0].prob_chosen == pytest.approx(2 / 3)
+
+
+def test_label_commands_create_export_user(tmp_path: Path) -> None:
+    from palate.errors import DataError
+    from palate.label.campaign import (
+        LabelCreateConfig,
+        LabelExportConfig,
+        LabelUserConfig,
+        add_label_user,
+        create_label_campaign,
+        export_label_campaign,
+    )
+
+    db = str(tmp_path / "cli.db")
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text('{"prompt": "hi", "response_a": "x", "response_b": "y"}\n'
+                          '{"prompt": "yo", "chosen": "c", "rejected": "r"}\n')  # fmt: skip
+    user = add_label_user(LabelUserConfig(db=db, name="admin", role="admin"))
+    assert user["api_token"] and user["invite_path"].startswith("/invite/")
+    made = create_label_campaign(LabelCreateConfig(db=db, name="p", pairs=str(pairs_file)))
+    assert made["pairs"] == 2
+    with pytest.raises(ConfigError, match="already exists"):
+        create_label_campaign(LabelCreateConfig(db=db, name="p", pairs=str(pairs_file)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        create_label_campaign(LabelCreateConfig(db=db, name="q", pairs=str(bad)))
+    out = export_label_campaign(LabelExportConfig(db=db, campaign="p", output=str(tmp_path / "o")))
+    assert out["comparisons"] == 0
+    with pytest.raises(ValueError):
+        LabelCreateConfig(db=db, name="r")  # neither pairs nor prompts

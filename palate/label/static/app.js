@@ -2,13 +2,15 @@
 (function () {
   const form = document.getElementById("label-form");
   if (!form) return;
+  let sent = false;
+  form.addEventListener("submit", function (e) { if (sent) e.preventDefault(); sent = true; });
   document.addEventListener("keydown", function (e) {
     const t = e.target;
     if (t && (t.tagName === "TEXTAREA" || (t.tagName === "INPUT" && t.type === "text"))) return;
     const radio = form.querySelector('input[name="answer"][data-key="' + e.key + '"]');
     if (radio) { radio.checked = true; e.preventDefault(); return; }
     if (e.key === "Enter") {
-      if (form.querySelector('input[name="answer"]:checked')) { form.requestSubmit(); }
+      if (!sent && form.querySelector('input[name="answer"]:checked')) { form.requestSubmit(); }
       e.preventDefault();
     } else if (e.key === "s") {
       document.getElementById("skip-form").requestSubmit();

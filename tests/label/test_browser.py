@@ -1,0 +1,134 @@
+"""Real headless Chromium (Playwright, Debian's /usr/bin/chromium) against a running server:
+admin creates a campaign and a rater; the rater labels with the keyboard and opens the
+guidelines; admin exports; the export trains a reward model.
+
+Locally a missing Chromium or Playwright skips with a reason; under CI=true it must run.
+Set PALATE_SCREENSHOTS=DIR to save the rater page and dashboard screenshots (docs/img).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from palate.label.db import open_db
+from palate.label.store import create_user
+
+from .test_server import start_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need_browser():
+    reason = None
+    if CHROMIUM is None:
+        reason = "chromium not installed (apt-get install chromium)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright  # noqa: F401
+        except ImportError:
+            reason = "playwright (python) not installed"
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI must run the browser test")
+        pytest.skip(reason)
+
+
+WORDS = ["river", "stone", "cloud", "lamp", "chair", "tree", "paper", "glass"]
+
+
+def pairs_file(path: Path, n: int = 6) -> None:
+    rows = []
+    for i in range(n):
+        good = f"{WORDS[i % 8]} banana {WORDS[(i + 3) % 8]}"
+        bad = f"{WORDS[(i + 1) % 8]} {WORDS[(i + 5) % 8]} <script>window.pwned=1</script>"
+        rows.append({"prompt": [{"role": "user", "content": f"Say something nice #{i}"}],
+                     "response_a": good if i % 2 else bad, "response_b": bad if i % 2 else good})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.timeout(300)
+def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    db = str(tmp_path / "b.db")
+    with open_db(db)() as s:
+        create_user(s, "admin", "admin", password="admin-pw")
+    pairs_file(tmp_path / "pairs.jsonl")
+    shots = os.environ.get("PALATE_SCREENSHOTS")
+    proc, url = start_server(db)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox"])  # fmt: skip
+            admin = browser.new_context(viewport={"width": 1200, "height": 900},
+                                        accept_downloads=True).new_page()  # fmt: skip
+            admin.goto(url + "/")
+            admin.fill("input[name=name]", "admin")
+            admin.fill("input[name=password]", "admin-pw")
+            admin.click("button[type=submit]")
+            admin.goto(url + "/admin")
+            # campaign from a pairs file, with guidelines
+            form = admin.locator("#add-campaign")
+            form.locator("input[name=name]").fill("bananas")
+            form.locator("textarea[name=guidelines]").fill(
+                "Prefer the reply that mentions **banana**."
+            )
+            form.locator("input[name=pairs]").set_input_files(str(tmp_path / "pairs.jsonl"))
+            form.locator("button[type=submit]").click()
+            assert admin.locator("#campaign-1").is_visible()
+            # a rater, with an invite link
+            add = admin.locator("#add-rater")
+            add.locator("input[name=name]").fill("rita")
+            add.locator("button[type=submit]").click()
+            invite = admin.locator("#invite-link").inner_text()
+
+            rater = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+            rater.goto(invite)
+            rater.click("text=guidelines")
+            assert "mentions" in rater.locator(".guidelines").inner_text()
+            assert rater.locator(".guidelines strong").inner_text() == "banana"
+            rater.goto(url + "/campaigns/1/rate")
+            labelled = 0
+            while rater.locator("#done").count() == 0:
+                left = rater.locator("#response-a .text").inner_text()
+                assert "<script>" in left or "banana" in left  # shown as text
+                if shots and labelled == 0:
+                    rater.screenshot(path=f"{shots}/rater-page.png", full_page=True)
+                rater.keyboard.press("1" if "banana" in left else "2")
+                with rater.expect_navigation():
+                    rater.keyboard.press("Enter")
+                labelled += 1
+            assert labelled == 6
+            assert rater.evaluate("window.pwned") is None  # the <script> never ran
+            # the rater cannot open the dashboard
+            assert rater.goto(url + "/admin").status == 403
+
+            admin.goto(url + "/admin")
+            assert "6 / 6 labels" in admin.locator("#campaign-1").inner_text()
+            if shots:
+                admin.screenshot(path=f"{shots}/dashboard.png", full_page=True)
+            with admin.expect_download() as dl:
+                admin.click("#export-1")
+            export = tmp_path / "export.jsonl"
+            dl.value.save_as(export)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    rows = [json.loads(x) for x in export.read_text().splitlines()]
+    assert len(rows) == 6 and all("banana" in r["chosen"] for r in rows)
+    # the export trains a reward model as it is
+    from palate.config import load_config
+    from palate.reward import RewardConfig, train_reward
+
+    cfg = load_config(RewardConfig, None, ["model=tiny", f"data={export}", "eval_fraction=0",
+                                           f"output_dir={tmp_path / 'rm'}", "train.max_steps=2",
+                                           "max_length=48", "train.precision=fp32"])  # fmt: skip
+    summary = train_reward(cfg)
+    assert summary["train_pairs"] == 6 and Path(summary["final"]).is_dir()
