@@ -157,3 +157,56 @@ def test_label_commands_create_export_user(tmp_path: Path) -> None:
     assert out["comparisons"] == 0
     with pytest.raises(ValueError):
         LabelCreateConfig(db=db, name="r")  # neither pairs nor prompts
+
+
+def test_campaign_from_model_samples(tmp_path: Path) -> None:
+    from palate.label.campaign import LabelCreateConfig, create_label_campaign
+    from palate.label.db import Pair
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hi"}\n{"prompt": "Name a colour"}\n')
+    db = str(tmp_path / "s.db")
+    made = create_label_campaign(LabelCreateConfig(
+        db=db, name="sampled", prompts=str(prompts), model="tiny", samples_per_prompt=4,
+        max_new_tokens=5))  # fmt: skip
+    assert made["pairs"] == 4  # 2 prompts x 4 samples / 2
+    with open_db(db)() as s:
+        rows = list(s.scalars(select(Pair)))
+    assert [r.prompt for r in rows] == ["Say hi"] * 2 + ["Name a colour"] * 2
+    assert all(r.source_a == "tiny" and r.response_a is not None for r in rows)
+
+
+def test_dashboard_statistics_hand_computed(db) -> None:
+    import krippendorff
+    import numpy as np
+
+    from palate.label.stats import campaign_stats
+
+    ps = pairs(3)
+    ps[2].gold = "a"
+    camp = create_campaign(db, "c", ps, overlap=3)
+    raters = [create_user(db, f"r{i}")[0] for i in range(3)]
+    # answers (pair orientation) per rater for pairs 1..3
+    table = {0: ["a", "a", "a"], 1: ["a", "b", "a"], 2: ["b", "b", "tie"]}
+    for r_i, r in enumerate(raters):
+        for _ in range(3):
+            a = next_assignment(db, camp, r)
+            want = table[r_i][a.pair_id - 1]
+            shown = {"a": "b", "b": "a"}.get(want, want) if a.swapped else want
+            submit_label(db, a, r, LabelIn(answer=shown, seconds=2.0 + r_i,
+                                           flags=["evasive"] if r_i == 2 else []))  # fmt: skip
+    st = campaign_stats(db, camp)
+    # pair1: a,a,b → 1 of 3 rater pairs agree; pair2: a,b,b → 1/3; pair3: a,a,tie → 1/3
+    assert st["pairwise_agreement"] == pytest.approx(3 / 9)
+    data = np.array([[0, 0, 0], [0, 1, 0], [1, 1, 2]], dtype=float)
+    want = krippendorff.alpha(reliability_data=data, level_of_measurement="nominal")
+    assert st["krippendorff_alpha"] == pytest.approx(want)
+    by = {r["rater"]: r for r in st["raters"]}
+    # r0 vs the others' majority: pair1 others (a,b) no majority; pair2 others (b,b)=b≠a;
+    # pair3 others (a,tie) none → 0 of 1
+    assert by["r0"]["majority_agreement"] == 0.0
+    assert by["r1"]["majority_agreement"] is None  # others split on every pair
+    assert by["r2"]["majority_agreement"] == 0.0  # pairs 1 and 3: others say a, r2 did not
+    assert by["r0"]["gold_accuracy"] == 1.0 and by["r2"]["gold_accuracy"] == 0.0
+    assert by["r1"]["median_seconds"] == 3.0 and st["median_seconds"] == 3.0
+    assert st["flags"] == {"evasive": 3} and st["complete_pairs"] == 3
