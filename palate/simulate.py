@@ -1,0 +1,200 @@
+"""Simulated raters: a *gold* preference you can read, and a noisy panel that labels with it.
+
+As AlpacaFarm did for cheap, reproducible RLHF experiments: the gold scoring function is a
+rubric of measurable text features, and each simulated rater picks a response with
+Bradley-Terry noise, ``P(A) = σ((g(A) − g(B) + bias_r(A, B)) / temperature)``. They label through
+the same store (:mod:`palate.label.store`) as people, so agreement statistics work for them too.
+The gold function is for evaluation; the reward model only ever sees the panel's labels.
+
+The rubric cannot be satisfied by degenerate output: empty responses, responses cut off
+mid-sentence, repetitive ones and ones that ignore the prompt all score low (tested).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import Field
+
+from palate.config import Config
+from palate.data import Prompt, prompt_text
+
+__all__ = ["GoldRubric", "PanelConfig", "gold_features", "gold_score", "label_with_panel"]
+
+_WORD = re.compile(r"[A-Za-z']+")
+_STOP = {
+    "the", "a", "an", "and", "or", "of", "to", "in", "is", "are", "it", "you", "i", "me", "my",
+    "your", "for", "on", "with", "that", "this", "be", "can", "do", "what", "how", "please",
+}  # fmt: skip
+_REFUSAL = re.compile(r"\b(i can(no|')?t|i'm sorry|i am sorry|as an ai|i won't|unable to)\b", re.I)
+
+
+class GoldRubric(Config):
+    """The gold preference: a weighted sum of text features (each roughly in [-1, 1])."""
+
+    length_target: int = Field(40, ge=1, description="Preferred length in words.")
+    length_weight: float = Field(1.0, description="Weight of closeness to length_target.")
+    sentiment_weight: float = Field(
+        1.0, description="Weight of VADER compound sentiment (positive, warm replies win)."
+    )
+    keywords: list[str] = Field(default_factory=list, description="Words that earn a bonus.")
+    keyword_weight: float = Field(0.5, description="Bonus per distinct keyword present (max 2).")
+    relevance_weight: float = Field(
+        1.0, description="Weight of overlap between the prompt's and the response's content words."
+    )
+    refusal_weight: float = Field(1.0, description="Penalty for refusal phrases.")
+    repetition_weight: float = Field(2.0, description="Penalty × fraction of repeated trigrams.")
+    truncation_penalty: float = Field(
+        1.0, description="Penalty when the response does not end a sentence (cut off)."
+    )
+    empty_score: float = Field(-5.0, description="Score of an empty response.")
+
+
+def _words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+_VADER: Any = None
+
+
+def _sentiment(text: str) -> float:
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        _VADER = SentimentIntensityAnalyzer()
+    return float(_VADER.polarity_scores(text)["compound"])
+
+
+def _prompt_str(prompt: Any) -> str:
+    """A prompt as text: a string, chat messages, or their JSON form (dicts, as stored)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return "\n\n".join(str(m.get("content", "")) for m in prompt)
+    return prompt_text(prompt)
+
+
+def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str, float]:
+    """Each feature of the rubric for one response (for reports and debugging)."""
+    words = _words(response)
+    n = len(words)
+    trigrams = [tuple(words[i : i + 3]) for i in range(max(0, n - 2))]
+    repeated = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
+    content_p = {w for w in _words(_prompt_str(prompt)) if w not in _STOP and len(w) > 2}
+    content_r = {w for w in words if w not in _STOP and len(w) > 2}
+    relevance = len(content_p & content_r) / len(content_p) if content_p else 0.0
+    stripped = response.strip()
+    return {
+        "words": float(n),
+        "length": math.exp(-abs(math.log((n + 1) / (rubric.length_target + 1)))) if n else 0.0,
+        "sentiment": _sentiment(response) if n else 0.0,
+        "keywords": float(min(2, sum(k.lower() in words for k in rubric.keywords))),
+        "relevance": min(1.0, 2 * relevance),
+        "refusal": float(bool(_REFUSAL.search(response))),
+        "repetition": repeated,
+        "truncated": float(bool(stripped) and stripped[-1] not in ".!?\"')]*:;"),
+    }
+
+
+def gold_score(prompt: Prompt, response: str, rubric: GoldRubric | None = None) -> float:
+    """The gold preference score of one response (higher is better)."""
+    rubric = rubric or GoldRubric()
+    if not response.strip():
+        return rubric.empty_score
+    f = gold_features(prompt, response, rubric)
+    return (
+        rubric.length_weight * f["length"]
+        + rubric.sentiment_weight * f["sentiment"]
+        + rubric.keyword_weight * f["keywords"]
+        + rubric.relevance_weight * f["relevance"]
+        - rubric.refusal_weight * f["refusal"]
+        - rubric.repetition_weight * f["repetition"]
+        - rubric.truncation_penalty * f["truncated"]
+    )
+
+
+class PanelConfig(Config):
+    """A panel of simulated raters."""
+
+    raters: int = Field(3, ge=1, description="How many simulated raters.")
+    temperature: float = Field(
+        0.3, gt=0, description="Bradley-Terry noise: P(A) = σ((g_A − g_B + bias) / temperature)."
+    )
+    length_bias: float = Field(
+        0.0, description="Spread of per-rater bias per 10 words of length difference (σ)."
+    )
+    tie_band: float = Field(
+        0.0, ge=0, description="Answer 'tie' when |g_A − g_B| is below this (and ties allowed)."
+    )
+    seed: int = Field(0, description="Seed of the raters' biases and choices.")
+    rubric: GoldRubric = Field(default_factory=GoldRubric, description="The gold preference.")
+
+
+def choose(g_a: float, g_b: float, len_diff: float, bias: float, cfg: PanelConfig,
+           rng: random.Random) -> str:  # fmt: skip
+    """One simulated rater's answer for scores g_a, g_b (``a``, ``b`` or ``tie``)."""
+    if cfg.tie_band and abs(g_a - g_b) < cfg.tie_band:
+        return "tie"
+    z = (g_a - g_b + bias * len_diff / 10) / cfg.temperature
+    p_a = 1 / (1 + math.exp(-max(-50.0, min(50.0, z))))
+    return "a" if rng.random() < p_a else "b"
+
+
+def label_with_panel(db_url: str, campaign: str, cfg: PanelConfig) -> dict[str, Any]:
+    """Label ``campaign`` with a simulated panel through the labeling store (same assignment
+    path as people); raters are created as users ``sim-0`` … if missing."""
+    from sqlalchemy import select
+
+    from palate.errors import ConfigError
+    from palate.label.db import Campaign, Pair, User, open_db
+    from palate.label.store import LabelIn, create_user, next_assignment, submit_label
+
+    rng = random.Random(cfg.seed)
+    factory = open_db(db_url)
+    n = 0
+    with factory() as db:
+        camp = db.scalar(select(Campaign).where(Campaign.name == campaign))
+        if camp is None:
+            raise ConfigError(f"{db_url}: no campaign named {campaign!r}")
+        raters: list[tuple[User, float]] = []
+        for i in range(cfg.raters):
+            name = f"sim-{i}"
+            user = db.scalar(select(User).where(User.name == name)) or create_user(db, name)[0]
+            raters.append((user, rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0))
+        cache: dict[int, tuple[float, float, float]] = {}
+        active = list(raters)
+        while active:
+            for user, bias in list(active):
+                a = next_assignment(db, camp, user, rng)
+                if a is None:
+                    active.remove((user, bias))
+                    continue
+                pair = db.get(Pair, a.pair_id)
+                assert pair is not None
+                if pair.id not in cache:
+                    cache[pair.id] = (
+                        gold_score(pair.prompt, pair.response_a, cfg.rubric),
+                        gold_score(pair.prompt, pair.response_b, cfg.rubric),
+                        len(_words(pair.response_a)) - len(_words(pair.response_b)),
+                    )
+                g_a, g_b, dlen = cache[pair.id]
+                ans = choose(g_a, g_b, dlen, bias, cfg, rng)
+                if ans == "tie" and "tie" not in camp.answers:
+                    ans = "a" if g_a >= g_b else "b"
+                shown = {"a": "b", "b": "a"}.get(ans, ans) if a.swapped else ans
+                submit_label(db, a, user, LabelIn(answer=shown))
+                n += 1
+    return {"campaign": campaign, "labels": n, "raters": cfg.raters}
+
+
+def gold_win_rate(prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[str],
+                  rubric: GoldRubric | None = None) -> float:  # fmt: skip
+    """Fraction of prompts where ``new`` beats ``old`` under the gold score (ties count half)."""
+    wins = 0.0
+    for p, x, y in zip(prompts, new, old, strict=True):
+        gx, gy = gold_score(p, x, rubric), gold_score(p, y, rubric)
+        wins += 1.0 if gx > gy else 0.5 if gx == gy else 0.0
+    return wins / max(1, len(prompts))

@@ -1,0 +1,76 @@
+"""Simulated raters: the gold rubric resists degenerate output; the panel labels via the store."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from palate.simulate import GoldRubric, PanelConfig, choose, gold_score, label_with_panel
+
+PROMPT = [{"role": "user", "content": "How do I keep my houseplants healthy in winter?"}]
+GOOD = ("Keep your houseplants near a bright window, water them less often in winter, and "
+        "watch for dry air. A little care goes a long way, and your plants will be happy and "
+        "healthy until spring!")  # fmt: skip
+
+
+def test_degenerate_responses_score_low() -> None:
+    from palate.data import Message
+
+    prompt = [Message(**m) for m in PROMPT]
+    good = gold_score(prompt, GOOD)
+    degenerate = {
+        "empty": "",
+        "truncated": GOOD[:60],
+        "repetitive": "happy plants " * 30 + ".",
+        "ignores the prompt": (
+            "The stock market closed higher today as investors welcomed "
+            "strong quarterly earnings from several large companies."
+        ),  # fmt: skip
+        "refusal": "I'm sorry, I can't help with that.",
+        "one word": "Great!",
+    }
+    for name, text in degenerate.items():
+        assert gold_score(prompt, text) < good - 0.5, name
+
+
+def test_rubric_keywords_and_length() -> None:
+    r = GoldRubric(keywords=["window"], length_target=20)
+    short = "Put them by a bright window and water less in winter, your houseplants will be happy."
+    assert gold_score(PROMPT[0]["content"], short, r) > gold_score(
+        PROMPT[0]["content"], short.replace("window", "spot"), r
+    )
+
+
+def test_bradley_terry_choice_noise() -> None:
+    cfg = PanelConfig(temperature=0.5)
+    rng = random.Random(0)
+    picks = [choose(1.0, 0.5, 0, 0.0, cfg, rng) for _ in range(4000)]
+    # P(A) = σ(0.5 / 0.5) = 0.731
+    assert picks.count("a") / 4000 == pytest.approx(0.731, abs=0.03)
+    assert choose(1.0, 1.0, 0, 0.0, PanelConfig(tie_band=0.1), rng) == "tie"
+
+
+def test_panel_labels_a_campaign_through_the_store(tmp_path: Path) -> None:
+    from palate.label.db import open_db
+    from palate.label.stats import campaign_stats
+    from palate.label.store import PairIn, create_campaign, export_rows
+
+    db = str(tmp_path / "sim.db")
+    with open_db(db)() as s:
+        pairs = [PairIn(prompt=PROMPT, response_a=GOOD if i % 2 else GOOD[:50],
+                        response_b=GOOD[:50] if i % 2 else GOOD) for i in range(20)]  # fmt: skip
+        create_campaign(s, "sim", pairs, overlap=3)
+    out = label_with_panel(db, "sim", PanelConfig(raters=3, temperature=0.2, seed=1))
+    assert out["labels"] == 60
+    with open_db(db)() as s:
+        from sqlalchemy import select
+
+        from palate.label.db import Campaign
+
+        camp = s.scalar(select(Campaign))
+        rows = export_rows(s, camp)
+        stats = campaign_stats(s, camp)
+    assert len(rows) == 20 and all(r["chosen"] == GOOD for r in rows)  # the gold side wins
+    assert stats["pairwise_agreement"] == 1.0 and len(stats["raters"]) == 3
