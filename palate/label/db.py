@@ -158,6 +158,9 @@ def make_engine(url: str) -> Engine:
     """An engine for ``url``; a bare path means a SQLite file."""
     if "://" not in url:
         url = f"sqlite:///{Path(url).resolve()}"
+    for plain in ("postgresql://", "postgres://"):  # the psycopg 3 driver palate installs
+        if url.startswith(plain):
+            url = "postgresql+psycopg://" + url[len(plain) :]
     if url.startswith("sqlite"):
         engine = create_engine(
             url,

@@ -210,3 +210,11 @@ def test_dashboard_statistics_hand_computed(db) -> None:
     assert by["r0"]["gold_accuracy"] == 1.0 and by["r2"]["gold_accuracy"] == 0.0
     assert by["r1"]["median_seconds"] == 3.0 and st["median_seconds"] == 3.0
     assert st["flags"] == {"evasive": 3} and st["complete_pairs"] == 3
+
+
+def test_plain_postgres_urls_use_psycopg3() -> None:
+    from palate.label.db import make_engine
+
+    for url in ("postgresql://u@localhost/db", "postgres://u@localhost/db"):
+        assert make_engine(url).url.drivername == "postgresql+psycopg"
+    assert make_engine("x.db").url.drivername == "sqlite"
