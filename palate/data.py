@@ -146,18 +146,24 @@ _MODEL_FOR_KIND: dict[str, type[_Record]] = {
 }
 
 
-def as_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """A prompt as a list of ``{"role", "content"}`` dicts (what chat templates take)."""
+def as_messages(prompt: Prompt | list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A prompt as a list of ``{"role", "content"}`` dicts (what chat templates take).
+
+    Also accepts that JSON form itself (as stored by the labeling database)."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    return [{"role": m.role, "content": m.content} for m in prompt]
+    return [
+        {"role": m["role"], "content": m["content"]} if isinstance(m, dict)
+        else {"role": m.role, "content": m.content}
+        for m in prompt
+    ]  # fmt: skip
 
 
-def prompt_text(prompt: Prompt) -> str:
+def prompt_text(prompt: Prompt | list[dict[str, Any]]) -> str:
     """A short plain-text rendering of a prompt (for logs, reports and non-chat models)."""
     if isinstance(prompt, str):
         return prompt
-    return "\n\n".join(f"{m.role.capitalize()}: {m.content}" for m in prompt)
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in as_messages(prompt))
 
 
 # --------------------------------------------------------------------------- HH-RLHF transcripts

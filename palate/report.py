@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from palate.data import as_messages
+
 __all__ = ["PLOTS", "build_report"]
 
 # plot id -> title (the test checks every one is present)
@@ -111,11 +113,7 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
 def _samples(samples: Sequence[dict[str, Any]], limit: int = 8) -> str:
     out = []
     for s in samples[:limit]:
-        prompt = s.get("prompt")
-        ptxt = prompt if isinstance(prompt, str) else "\n".join(
-            str(m.get("content") if isinstance(m, dict) else getattr(m, "content", m))
-            for m in (prompt or [])
-        )  # fmt: skip
+        ptxt = "\n".join(m["content"] for m in as_messages(s.get("prompt") or []))
         cells = []
         for side in ("old", "new"):
             scores = " · ".join(f"{k} {s[f'{k}_{side}']:.2f}" for k in ("gold", "proxy")

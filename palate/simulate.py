@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from palate.config import Config
-from palate.data import Prompt, prompt_text
+from palate.data import Prompt, as_messages
 
 __all__ = ["GoldRubric", "PanelConfig", "gold_features", "gold_score", "label_with_panel"]
 
@@ -71,10 +71,8 @@ def _sentiment(text: str) -> float:
 
 
 def _prompt_str(prompt: Any) -> str:
-    """A prompt as text: a string, chat messages, or their JSON form (dicts, as stored)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        return "\n\n".join(str(m.get("content", "")) for m in prompt)
-    return prompt_text(prompt)
+    """The prompt's message contents (a string, chat messages, or their stored JSON form)."""
+    return "\n\n".join(m["content"] for m in as_messages(prompt))
 
 
 def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str, float]:
@@ -150,7 +148,7 @@ def label_with_panel(db_url: str, campaign: str, cfg: PanelConfig) -> dict[str, 
 
     from palate.errors import ConfigError
     from palate.label.db import Campaign, Pair, User, open_db
-    from palate.label.store import LabelIn, create_user, next_assignment, submit_label
+    from palate.label.store import LabelIn, create_user, flip, next_assignment, submit_label
 
     rng = random.Random(cfg.seed)
     factory = open_db(db_url)
@@ -184,8 +182,7 @@ def label_with_panel(db_url: str, campaign: str, cfg: PanelConfig) -> dict[str, 
                 ans = choose(g_a, g_b, dlen, bias, cfg, rng)
                 if ans == "tie" and "tie" not in camp.answers:
                     ans = "a" if g_a >= g_b else "b"
-                shown = {"a": "b", "b": "a"}.get(ans, ans) if a.swapped else ans
-                submit_label(db, a, user, LabelIn(answer=shown))
+                submit_label(db, a, user, LabelIn(answer=flip(ans, a.swapped)))
                 n += 1
     return {"campaign": campaign, "labels": n, "raters": cfg.raters}
 

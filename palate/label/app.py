@@ -25,7 +25,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.middleware.sessions import SessionMiddleware
 
-from palate.errors import ConfigError, PalateError
+from palate.data import as_messages
+from palate.errors import PalateError
 from palate.label.campaign import parse_pairs
 from palate.label.db import FLAGS, STRENGTHS, Assignment, Campaign, Pair, User, open_db
 from palate.label.stats import campaign_stats
@@ -37,6 +38,7 @@ from palate.label.store import (
     export_rows,
     next_assignment,
     progress,
+    shown_responses,
     skip_assignment,
     submit_label,
     user_by_token,
@@ -126,6 +128,24 @@ def create_app(
             raise HTTPException(status_code=404, detail="no such campaign")
         return camp
 
+    def assignment_or_404(db: Session, aid: int, cid: int | None = None) -> Assignment:
+        a = db.get(Assignment, aid)
+        if a is None or (cid is not None and a.campaign_id != cid):
+            raise HTTPException(status_code=404, detail="no such assignment")
+        return a
+
+    def export_body(db: Session, camp: Campaign) -> str:
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in export_rows(db, camp))
+
+    # the store's refusals, for pages and API alike: not yours -> 403, bad input -> 400
+    @app.exception_handler(PermissionError)
+    def _forbidden(_request: Request, err: PermissionError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=403)
+
+    @app.exception_handler(PalateError)
+    def _bad_input(_request: Request, err: PalateError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=400)
+
     # ------------------------------------------------------------------ auth pages
 
     @app.get("/login", response_class=HTMLResponse)
@@ -177,10 +197,8 @@ def create_app(
             return render(request, "done.html", user, campaign=camp, mine=mine)
         pair = db.get(Pair, a.pair_id)
         assert pair is not None
-        left, right = ((pair.response_b, pair.response_a) if a.swapped
-                       else (pair.response_a, pair.response_b))  # fmt: skip
-        messages = ([{"role": "user", "content": pair.prompt}] if isinstance(pair.prompt, str)
-                    else pair.prompt)  # fmt: skip
+        left, right = shown_responses(pair, a)
+        messages = as_messages(pair.prompt)
         return render(request, "rate.html", user, campaign=camp, assignment=a, messages=messages,
                       left=left, right=right, mine=mine, answers=camp.answers,
                       answer_text=ANSWER_TEXT, strengths=STRENGTHS, flags=FLAGS,
@@ -192,32 +210,19 @@ def create_app(
              started: float = Form(0.0), csrf: str = Form(""), user: User = Depends(current_user),
              db: Session = Depends(get_db)) -> Response:  # fmt: skip
         check_csrf(request, csrf)
-        a = db.get(Assignment, assignment_id)
-        if a is None or a.campaign_id != cid:
-            raise HTTPException(status_code=404, detail="no such assignment")
+        a = assignment_or_404(db, assignment_id, cid)
         if a.rater_id == user.id and a.status != "open":  # a double submit: keep the first
             return RedirectResponse(f"/campaigns/{cid}/rate", status_code=303)
         seconds = time.time() - started if started else None
-        try:
-            submit_label(db, a, user, LabelIn(answer=answer, strength=strength or None,
-                                              flags=flags, comment=comment, seconds=seconds))  # fmt: skip
-        except PermissionError as err:
-            raise HTTPException(status_code=403, detail=str(err)) from err
-        except ConfigError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+        submit_label(db, a, user, LabelIn(answer=answer, strength=strength or None, flags=flags,
+                                          comment=comment, seconds=seconds))  # fmt: skip
         return RedirectResponse(f"/campaigns/{cid}/rate", status_code=303)
 
     @app.post("/campaigns/{cid}/skip")
     def skip(request: Request, cid: int, assignment_id: int = Form(...), csrf: str = Form(""),
              user: User = Depends(current_user), db: Session = Depends(get_db)) -> Response:  # fmt: skip
         check_csrf(request, csrf)
-        a = db.get(Assignment, assignment_id)
-        if a is None or a.campaign_id != cid:
-            raise HTTPException(status_code=404, detail="no such assignment")
-        try:
-            skip_assignment(db, a, user)
-        except PermissionError as err:
-            raise HTTPException(status_code=403, detail=str(err)) from err
+        skip_assignment(db, assignment_or_404(db, assignment_id, cid), user)
         return RedirectResponse(f"/campaigns/{cid}/rate", status_code=303)
 
     @app.get("/campaigns/{cid}/guidelines", response_class=HTMLResponse)
@@ -241,10 +246,7 @@ def create_app(
                   role: str = Form("rater"), csrf: str = Form(""),
                   user: User = Depends(admin_user), db: Session = Depends(get_db)) -> Response:  # fmt: skip
         check_csrf(request, csrf)
-        try:
-            new, invite, api = create_user(db, name.strip(), role, password or None)
-        except ConfigError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+        new, invite, api = create_user(db, name.strip(), role, password or None)
         base = str(request.base_url).rstrip("/")
         request.session["created"] = {"name": new.name, "invite": f"{base}/invite/{invite}",
                                       "api_token": api}  # fmt: skip
@@ -259,22 +261,21 @@ def create_app(
             raise HTTPException(status_code=400, detail="pairs: upload a JSONL file")
         text = (await upload.read()).decode("utf-8", errors="replace")
         try:
-            pairs = parse_pairs(text, upload.filename or "pairs")
             overlap = int(str(form.get("overlap", "1")))
-            with factory() as db:
-                create_campaign(db, str(form.get("name", "")).strip(), pairs, overlap=overlap,
-                                guidelines=str(form.get("guidelines", "")),
-                                source=upload.filename or "")  # fmt: skip
-        except (PalateError, ValueError) as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+        except ValueError as err:
+            raise HTTPException(status_code=400, detail=f"overlap: {err}") from err
+        pairs = parse_pairs(text, upload.filename or "pairs")
+        with factory() as db:
+            create_campaign(db, str(form.get("name", "")).strip(), pairs, overlap=overlap,
+                            guidelines=str(form.get("guidelines", "")),
+                            source=upload.filename or "")  # fmt: skip
         return RedirectResponse("/admin", status_code=303)
 
     @app.get("/admin/campaigns/{cid}/export")
     def export(cid: int, user: User = Depends(admin_user),
                db: Session = Depends(get_db)) -> Response:  # fmt: skip
         camp = campaign_or_404(db, cid)
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in export_rows(db, camp))
-        return Response(body, media_type="application/x-ndjson", headers={
+        return Response(export_body(db, camp), media_type="application/x-ndjson", headers={
             "Content-Disposition": f'attachment; filename="{camp.name}.jsonl"'})  # fmt: skip
 
     # ------------------------------------------------------------------ JSON API
@@ -289,35 +290,20 @@ def create_app(
             return Response(status_code=204)
         pair = db.get(Pair, a.pair_id)
         assert pair is not None
-        first, second = ((pair.response_b, pair.response_a) if a.swapped
-                         else (pair.response_a, pair.response_b))  # fmt: skip
+        first, second = shown_responses(pair, a)
         return JSONResponse({"assignment_id": a.id, "prompt": pair.prompt, "a": first,
                              "b": second, "answers": camp.answers})  # fmt: skip
 
     @app.post("/api/v1/assignments/{aid}/label")
     def api_label(aid: int, body: LabelBody, user: User = Depends(api_user),
                   db: Session = Depends(get_db)) -> dict[str, Any]:  # fmt: skip
-        a = db.get(Assignment, aid)
-        if a is None:
-            raise HTTPException(status_code=404, detail="no such assignment")
-        try:
-            lab = submit_label(db, a, user, LabelIn(**body.model_dump()))
-        except PermissionError as err:
-            raise HTTPException(status_code=403, detail=str(err)) from err
-        except ConfigError as err:
-            raise HTTPException(status_code=400, detail=str(err)) from err
+        lab = submit_label(db, assignment_or_404(db, aid), user, LabelIn(**body.model_dump()))
         return {"label_id": lab.id}
 
     @app.post("/api/v1/assignments/{aid}/skip")
     def api_skip(aid: int, user: User = Depends(api_user),
                  db: Session = Depends(get_db)) -> dict[str, Any]:  # fmt: skip
-        a = db.get(Assignment, aid)
-        if a is None:
-            raise HTTPException(status_code=404, detail="no such assignment")
-        try:
-            skip_assignment(db, a, user)
-        except PermissionError as err:
-            raise HTTPException(status_code=403, detail=str(err)) from err
+        skip_assignment(db, assignment_or_404(db, aid), user)
         return {"skipped": aid}
 
     @app.get("/api/v1/campaigns/{cid}/progress")
@@ -332,7 +318,6 @@ def create_app(
         if user.role != "admin":
             raise HTTPException(status_code=403, detail="admins only")
         camp = campaign_or_404(db, cid)
-        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in export_rows(db, camp))
-        return Response(body, media_type="application/x-ndjson")
+        return Response(export_body(db, camp), media_type="application/x-ndjson")
 
     return app

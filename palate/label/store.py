@@ -164,6 +164,18 @@ def next_assignment(
     return None
 
 
+def flip(answer: str, swapped: bool) -> str:
+    """Map an answer between the pair's orientation and the order shown (its own inverse)."""
+    return {"a": "b", "b": "a"}.get(answer, answer) if swapped else answer
+
+
+def shown_responses(pair: Pair, assignment: Assignment) -> tuple[str, str]:
+    """(first, second) response in the order this assignment shows them."""
+    if assignment.swapped:
+        return pair.response_b, pair.response_a
+    return pair.response_a, pair.response_b
+
+
 @dataclass
 class LabelIn:
     answer: str  # in the order the rater SAW: "left"/"right" map via swapped; or a/b shown
@@ -188,9 +200,7 @@ def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelI
     bad = [f for f in shown.flags if f not in FLAGS]
     if bad:
         raise ConfigError(f"flags {bad}: expected from {list(FLAGS)}")
-    answer = shown.answer
-    if assignment.swapped and answer in ("a", "b"):
-        answer = "b" if answer == "a" else "a"
+    answer = flip(shown.answer, assignment.swapped)
     label = Label(assignment_id=assignment.id, pair_id=assignment.pair_id, rater_id=rater.id,
                   answer=answer, strength=shown.strength if answer in ("a", "b") else None,
                   flags=list(shown.flags), comment=shown.comment[:5000], seconds=shown.seconds)  # fmt: skip

@@ -16,6 +16,7 @@ from palate.label.store import (
     create_campaign,
     create_user,
     export_rows,
+    flip,
     next_assignment,
     progress,
     skip_assignment,
@@ -112,7 +113,7 @@ def test_export_aggregates_votes_into_soft_labels(db, tmp_path: Path) -> None:
         for _ in range(2):
             a = next_assignment(db, camp, r)
             want = votes[a.pair_id - 1][r_i]
-            shown = {"a": "b", "b": "a"}.get(want, want) if a.swapped else want
+            shown = flip(want, a.swapped)
             submit_label(db, a, r, LabelIn(answer=shown))
     rows = export_rows(db, camp)
     assert len(rows) == 2
@@ -192,7 +193,7 @@ def test_dashboard_statistics_hand_computed(db) -> None:
         for _ in range(3):
             a = next_assignment(db, camp, r)
             want = table[r_i][a.pair_id - 1]
-            shown = {"a": "b", "b": "a"}.get(want, want) if a.swapped else want
+            shown = flip(want, a.swapped)
             submit_label(db, a, r, LabelIn(answer=shown, seconds=2.0 + r_i,
                                            flags=["evasive"] if r_i == 2 else []))  # fmt: skip
     st = campaign_stats(db, camp)
