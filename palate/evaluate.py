@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from palate.data import Prompt
-from palate.formatting import prompt_ids
+from palate.formatting import pad_batch, prompt_ids
 from palate.generation import SamplingConfig, generate_responses
 
 __all__ = ["PolicySamples", "sample_policy", "sequence_kl", "win_rate"]
@@ -80,16 +80,9 @@ def sequence_kl(policy: Any, reference: Any, tok: Any, prompts: Sequence[Prompt]
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], responses[start : start + batch_size]
-        q = [prompt_ids(tok, p) for p in ps]
-        r = [list(x) or [tok.eos_token_id] for x in rs]
-        tq, tr = max(map(len, q)), max(map(len, r))
-        ids = torch.full((len(q), tq + tr), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (qi, ri) in enumerate(zip(q, r, strict=True)):
-            ids[i, tq - len(qi) : tq] = torch.tensor(qi)
-            mask[i, tq - len(qi) : tq] = 1
-            ids[i, tq : tq + len(ri)] = torch.tensor(ri)
-            mask[i, tq : tq + len(ri)] = 1
+        q, qm = pad_batch([prompt_ids(tok, p) for p in ps], tok.pad_token_id)
+        r, rm = pad_batch([list(x) or [tok.eos_token_id] for x in rs], tok.pad_token_id, "right")
+        ids, mask, tq = torch.cat([q, r], 1), torch.cat([qm, rm], 1), q.shape[1]
         lp, _, _ = policy_forward(policy, None, ids, mask, tq, temperature)
         lr, _, _ = policy_forward(reference, None, ids, mask, tq, temperature)
         m = mask[:, tq:].float()

@@ -8,11 +8,14 @@ tokenized separately: the response ids are exactly what generation appends after
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from palate.data import Prompt, as_messages
 
-__all__ = ["PLAIN_TEMPLATE_ROLES", "prompt_ids", "render_prompt", "response_ids"]
+__all__ = ["PLAIN_TEMPLATE_ROLES", "pad_batch", "prompt_ids", "render_prompt", "response_ids"]
 
 PLAIN_TEMPLATE_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -39,3 +42,18 @@ def response_ids(tokenizer: Any, response: str, add_eos: bool = True) -> list[in
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each (N, longest): prompts are padded on the left (generation
+    appends on the right), responses on the right."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, x in enumerate(seqs):
+        span = slice(width - len(x), width) if side == "left" else slice(0, len(x))
+        ids[i, span] = torch.tensor(list(x), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from palate.config import Config
 from palate.data import Prompt
-from palate.formatting import prompt_ids
+from palate.formatting import pad_batch, prompt_ids
 
 __all__ = [
     "Generated",
@@ -85,12 +85,8 @@ def generate_responses(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(len(ids) for ids in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, ids in enumerate(chunk):  # left padding
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                attention[i, width - len(ids) :] = 1
+            input_ids, attention = pad_batch(chunk, pad)
+            width = input_ids.shape[1]
             seqs = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kwargs
             )

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 from palate.config import Config
 from palate.data import Prompt, prompt_text, read_records, write_jsonl
 from palate.errors import ConfigError
-from palate.formatting import prompt_ids
+from palate.formatting import pad_batch, prompt_ids
 from palate.generation import MergedCopyEngine, PolicyEngine, RolloutEngine, SamplingConfig
 from palate.lm import base_model
 from palate.models import load_model
@@ -484,20 +484,16 @@ class PPOTrainer:
         """Sample responses, then log π_old, log π_ref and V_old in one pass each."""
         cfg, tok = self.cfg, self.tok
         s = cfg.sampling
-        ids = [prompt_ids(tok, p)[-cfg.max_prompt_length :] for p in prompts]
-        tq = max(len(x) for x in ids)
-        q = torch.full((len(ids), tq), tok.pad_token_id, dtype=torch.long)
-        qm = torch.zeros_like(q)
-        for i, x in enumerate(ids):
-            q[i, tq - len(x) :] = torch.tensor(x)
-            qm[i, tq - len(x) :] = 1
+        q, qm = pad_batch([prompt_ids(tok, p)[-cfg.max_prompt_length :] for p in prompts],
+                          tok.pad_token_id)  # fmt: skip
+        tq = q.shape[1]
         q, qm = q.to(self.device), qm.to(self.device)
         self.engine.sync(self.acc.unwrap_model(self.policy))
         out = self.engine.generate(q, qm, s, pad_token_id=tok.pad_token_id,
                                    eos_token_id=tok.eos_token_id)  # fmt: skip
         resp = out[:, tq:]
         if resp.shape[1] == 0:
-            resp = torch.full((len(ids), 1), tok.eos_token_id, device=self.device)
+            resp = torch.full((len(prompts), 1), tok.eos_token_id, device=self.device)
         is_eos = resp == tok.eos_token_id
         finished = is_eos.any(1)
         first_eos = torch.where(
