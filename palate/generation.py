@@ -11,6 +11,7 @@ a vLLM engine for GPUs implements the same two methods.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,29 +68,14 @@ def generate_responses(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
-    model.eval()
     out: list[Generated] = []
-    greedy = sampling.temperature == 0.0
-    gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": sampling.max_new_tokens,
-        "do_sample": not greedy,
-        "pad_token_id": pad,
-        "eos_token_id": eos,
-    }
-    if not greedy:
-        gen_kwargs.update(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k
-        )
-    else:
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
             input_ids, attention = pad_batch(chunk, pad)
             width = input_ids.shape[1]
-            seqs = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kwargs
-            )
+            seqs = _sample(model, input_ids.to(device), attention.to(device), sampling,
+                           contextlib.nullcontext(), pad, eos)  # fmt: skip
             for row in seqs[:, width:].tolist():
                 finished = eos in row
                 ids = row[: row.index(eos) + 1] if finished else row
