@@ -26,21 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, peak_rss_mb, run_side  # noqa: E402 - bench/ is on sys.path
+
 TRL_PY = ROOT / "bench" / ".venv-trl-ppo" / "bin" / "python"
 HH = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- children
@@ -194,20 +188,14 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 def child(python: str, args: argparse.Namespace, side: str, setting: str) -> dict:
-    cmd = [python, __file__, "--child", side, "--setting", setting, "--model", args.model,
-           "--reward-model", args.reward_model, "--prompts", args.prompts,
-           "--updates", str(args.updates), "--batch-size", str(args.batch_size),
-           "--epochs", str(args.epochs), "--new-tokens", str(args.new_tokens),
-           "--max-prompt-length", str(args.max_prompt_length), "--lr", str(args.lr)]  # fmt: skip
+    argv = ["--model", args.model,
+            "--reward-model", args.reward_model, "--prompts", args.prompts,
+            "--updates", str(args.updates), "--batch-size", str(args.batch_size),
+            "--epochs", str(args.epochs), "--new-tokens", str(args.new_tokens),
+            "--max-prompt-length", str(args.max_prompt_length), "--lr", str(args.lr)]  # fmt: skip
     if args.trl_bf16:
-        cmd.append("--trl-bf16")
-    env = dict(os.environ, PALATE_PROGRESS="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = ""  # the TRL side must not see palate's venv
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"{side}/{setting} failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        argv.append("--trl-bf16")
+    return run_side(python, __file__, argv, side, setting)
 
 
 def main() -> None:

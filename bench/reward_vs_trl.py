@@ -24,21 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, peak_rss_mb, run_side  # noqa: E402 - bench/ is on sys.path
+
 TRL_PY = ROOT / "bench" / ".venv-trl" / "bin" / "python"
 HH = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- children
@@ -159,16 +153,11 @@ def prepare_data(model_dir: str, n: int, max_length: int, path: Path) -> int:
 
 
 def child(python: str, args: argparse.Namespace, side: str, setting: str) -> dict:
-    cmd = [python, __file__, "--child", side, "--setting", setting, "--model", args.model,
-           "--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--max-length", str(args.max_length), "--lr", str(args.lr),
-           "--warmup", str(args.warmup)]  # fmt: skip
-    env = dict(os.environ, PALATE_PROGRESS="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"{side}/{setting} failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["--model", args.model,
+            "--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--max-length", str(args.max_length), "--lr", str(args.lr),
+            "--warmup", str(args.warmup)]  # fmt: skip
+    return run_side(python, __file__, argv, side, setting)
 
 
 def main() -> None:

@@ -951,7 +951,7 @@ def _train_ensemble(cfg: RewardConfig, *, stop_after: int | None) -> dict[str, A
         members.append(summary)
     ens = RewardEnsemble([RewardModel.load(Path(m["final"])) for m in members])
     ens.precision = resolve_precision(cfg.train.precision, ens.device)
-    train_c, eval_c = _split(cfg.model_copy(update={"split_seed": split_seed}))
+    train_c, eval_c = _split(cfg)  # the members' split (split_seed, else seed)
     if cfg.normalize:
         ref = train_c[: cfg.normalize_examples]
         ens.offset = -float(ens.score([c.prompt for c in ref], [c.chosen for c in ref]).mean())
