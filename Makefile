@@ -40,11 +40,10 @@ test: setup lint sysdeps
 test-fast: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
-# Interim quickstart until `palate run` lands: SFT on HH demonstrations, then sample from the result.
+# The quickstart: the whole loop (pairs -> simulated raters -> reward model -> PPO -> eval -> report).
+# Re-running skips finished stages and continues an interrupted PPO run.
 demo: setup
-	$(VENV)/bin/palate sft examples/quickstart-sft.yaml
-	$(VENV)/bin/palate generate examples/quickstart.yaml
-	@echo "SFT samples: runs/quickstart/sft/samples/  responses: runs/quickstart/generate/responses.jsonl"
+	$(VENV)/bin/palate run examples/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -284,6 +284,49 @@ stage(
 )(add_label_user)
 
 
+from palate.pipeline import STAGES as RUN_STAGES  # noqa: E402
+from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline  # noqa: E402
+
+
+@app.command("run")
+def run(
+    config: Annotated[
+        Path | None, typer.Argument(help="Run config (YAML); optional with --set.")
+    ] = None,
+    from_stage: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help=f"Re-run this stage and all after it: {', '.join(RUN_STAGES)}."
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole loop: [sft] → pairs → labels → reward → ppo → eval → report.
+
+    Finished stages are skipped on a re-run; an interrupted one continues (PPO from its newest
+    checkpoint). Exit code 3: waiting for people's labels (raters.people.wait: false).
+    """
+    cfg = load_config(RunConfig, config, set_ or [])
+    try:
+        summary = run_pipeline(cfg, from_stage=from_stage)
+    except WaitingForLabels as w:
+        err.print(f"[yellow]waiting for labels:[/yellow] {w}")
+        emit(w.summary, as_json, title="palate run")
+        raise typer.Exit(3) from None
+    if not as_json and summary.get("gold_win_rate") is not None:
+        lo, hi = summary["gold_win_rate_low"], summary["gold_win_rate_high"]
+        out.print(f"[bold]gold win rate: {summary['gold_win_rate']:.3f}[/bold] "
+                  f"(95% CI {lo:.3f}-{hi:.3f}, final vs initial policy, "
+                  f"{summary['prompts']} held-out prompts)")  # fmt: skip
+    if not as_json:
+        out.print(f"report: {summary['report']}")
+    emit(summary, as_json, title="palate run")
+
+
+STAGES["run"] = (RunConfig, run_pipeline)
+
+
 @app.command("serve")
 def serve(
     db: Annotated[str, typer.Option(help="Database URL or SQLite file path.")] = "palate-labels.db",

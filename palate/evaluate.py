@@ -5,8 +5,9 @@ preference the reward model never saw, e.g. the simulated panel's rubric) with a
 interval, the **proxy** (reward-model) win rate, mean gold and proxy scores, KL to the
 reference and response length. Proxy rising while gold falls is over-optimisation.
 
-Pieces are plain functions (:func:`win_rate`, :func:`sequence_kl`, :func:`score_policy`) so
-``palate run`` and the report can call them along PPO checkpoints.
+Pieces are plain functions (:func:`win_rate`, :func:`sequence_kl`, :func:`evaluate_policy`,
+:func:`compare`) so ``palate run`` samples the initial policy once and compares every PPO
+checkpoint against it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from palate.data import Prompt
 from palate.formatting import pad_batch, prompt_ids
 from palate.generation import SamplingConfig, generate_responses
 
-__all__ = ["PolicySamples", "sample_policy", "sequence_kl", "win_rate"]
+__all__ = [
+    "PolicySamples",
+    "ScoredSamples",
+    "compare",
+    "compare_policies",
+    "evaluate_policy",
+    "sample_policy",
+    "sequence_kl",
+    "win_rate",
+]
 
 ScoreFn = Callable[[Sequence[Prompt], Sequence[str]], Any]
 
@@ -59,10 +69,12 @@ class PolicySamples:
 
 
 def sample_policy(model: Any, tok: Any, prompts: Sequence[Prompt], sampling: SamplingConfig,
-                  *, seed: int = 0, batch_size: int = 8) -> PolicySamples:  # fmt: skip
+                  *, seed: int = 0, batch_size: int = 8, precision: str = "fp32",
+                  on_batch: Callable[[int], None] | None = None) -> PolicySamples:  # fmt: skip
     """One response per prompt (seeded, so two policies see the same random stream)."""
     torch.manual_seed(seed)
-    gens = generate_responses(model, tok, prompts, sampling, batch_size=batch_size)
+    gens = generate_responses(model, tok, prompts, sampling, batch_size=batch_size,
+                              precision=precision, on_batch=on_batch)  # fmt: skip
     return PolicySamples(list(prompts), [g.text for g in gens], [g.finished for g in gens],
                          [list(g.token_ids) for g in gens])  # fmt: skip
 
@@ -70,23 +82,115 @@ def sample_policy(model: Any, tok: Any, prompts: Sequence[Prompt], sampling: Sam
 @torch.no_grad()
 def sequence_kl(policy: Any, reference: Any, tok: Any, prompts: Sequence[Prompt],
                 responses: Sequence[Sequence[int]], *, temperature: float = 1.0,
-                batch_size: int = 8) -> list[float]:  # fmt: skip
+                batch_size: int = 8, precision: str = "fp32") -> list[float]:  # fmt: skip
     """Per-response KL estimate Σ_t (log π(y_t) − log π_ref(y_t)) on the policy's own sampled
     tokens (k1, the estimator PPO's penalty uses, logits divided by the sampling temperature);
     its mean estimates KL(π ‖ π_ref). Token ids, not decoded text: re-tokenising text is not
     faithful (special tokens, merges)."""
     from palate.ppo import policy_forward
+    from palate.training import autocast
 
+    device = next(policy.parameters()).device
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], responses[start : start + batch_size]
         q, qm = pad_batch([prompt_ids(tok, p) for p in ps], tok.pad_token_id)
         r, rm = pad_batch([list(x) or [tok.eos_token_id] for x in rs], tok.pad_token_id, "right")
         ids, mask, tq = torch.cat([q, r], 1), torch.cat([qm, rm], 1), q.shape[1]
-        lp, _, _ = policy_forward(policy, None, ids, mask, tq, temperature)
-        lr, _, _ = policy_forward(reference, None, ids, mask, tq, temperature)
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device, precision):
+            lp, _, _ = policy_forward(policy, None, ids, mask, tq, temperature)
+            lr, _, _ = policy_forward(reference, None, ids, mask, tq, temperature)
         m = mask[:, tq:].float()
-        out.extend(((lp - lr) * m).sum(1).tolist())
+        out.extend(((lp - lr) * m).sum(1).cpu().tolist())
+    return out
+
+
+@dataclass
+class ScoredSamples:
+    """A policy's samples on the evaluation prompts with their scores."""
+
+    samples: PolicySamples
+    gold: list[float] | None = None  # (N,) gold score per response
+    proxy: list[float] | None = None  # (N,) reward-model score per response
+    kl: list[float] | None = None  # (N,) Σ_t log π/π_ref on the response (vs the reference)
+
+    def means(self) -> dict[str, float]:
+        out = {"length": float(np.mean(self.samples.lengths))}
+        for k in ("gold", "proxy", "kl"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = float(np.mean(v))
+        return out
+
+
+def evaluate_policy(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    reference: Any = None,
+    gold: ScoreFn | None = None,
+    proxy: ScoreFn | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> ScoredSamples:
+    """Sample ``model`` once per prompt and score the responses (gold, proxy, KL to
+    ``reference`` when given)."""
+    s = sample_policy(model, tok, prompts, sampling, seed=seed, batch_size=batch_size,
+                      precision=precision, on_batch=on_batch)  # fmt: skip
+    out = ScoredSamples(s)
+    if gold is not None:
+        out.gold = [float(x) for x in gold(s.prompts, s.responses)]
+    if proxy is not None:
+        out.proxy = [float(x) for x in proxy(s.prompts, s.responses)]
+    if reference is not None:
+        out.kl = sequence_kl(model, reference, tok, s.prompts, s.token_ids,
+                             temperature=sampling.temperature or 1.0, batch_size=batch_size,
+                             precision=precision)  # fmt: skip
+    return out
+
+
+def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[str, Any]:
+    """Final vs initial: gold and proxy win rates (bootstrap 95% CI), means, KL, lengths, and
+    the paired samples with their scores."""
+    out: dict[str, Any] = {
+        "prompts": len(new.samples.prompts),
+        "length_new": float(np.mean(new.samples.lengths)),
+        "length_old": float(np.mean(old.samples.lengths)),
+    }
+    if new.kl is not None:
+        out["kl"] = float(np.mean(new.kl))
+    for name in ("gold", "proxy"):
+        a, b = getattr(new, name), getattr(old, name)
+        if a is None or b is None:
+            continue
+        wr = win_rate(a, b, seed=seed)
+        out.update({f"{name}_win_rate": wr["win_rate"], f"{name}_win_rate_low": wr["low"],
+                    f"{name}_win_rate_high": wr["high"], f"{name}_new": float(np.mean(a)),
+                    f"{name}_old": float(np.mean(b))})  # fmt: skip
+    if None not in (new.gold, old.gold, new.proxy, old.proxy):
+        dg = np.asarray(new.gold) - np.asarray(old.gold)
+        dp = np.asarray(new.proxy) - np.asarray(old.proxy)
+        decided = dg != 0
+        # how often the reward model orders the two answers as the gold does
+        out["proxy_gold_agreement"] = (
+            float((np.sign(dg) == np.sign(dp))[decided].mean()) if decided.any() else None
+        )
+    samples = []
+    for i, p in enumerate(new.samples.prompts):
+        row: dict[str, Any] = {"prompt": p, "new": new.samples.responses[i],
+                               "old": old.samples.responses[i]}  # fmt: skip
+        for name in ("gold", "proxy"):
+            for side, sc in (("new", new), ("old", old)):
+                v = getattr(sc, name)
+                if v is not None:
+                    row[f"{name}_{side}"] = v[i]
+        samples.append(row)
+    out["samples"] = samples
     return out
 
 
@@ -99,39 +203,14 @@ def compare_policies(
     gold: ScoreFn | None = None,
     proxy: ScoreFn | None = None,
     seed: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Sample both policies on ``prompts`` and compare them under gold and proxy scores."""
+    """Sample both policies on ``prompts`` (same seed) and :func:`compare` them; KL of the new
+    policy to the old one."""
     (m_new, tok), (m_old, _) = new, old
-    s_new = sample_policy(m_new, tok, prompts, sampling, seed=seed)
-    s_old = sample_policy(m_old, tok, prompts, sampling, seed=seed)
-    out: dict[str, Any] = {
-        "prompts": len(prompts),
-        "length_new": float(np.mean(s_new.lengths)),
-        "length_old": float(np.mean(s_old.lengths)),
-        "kl": float(
-            np.mean(
-                sequence_kl(
-                    m_new,
-                    m_old,
-                    tok,
-                    prompts,
-                    s_new.token_ids,
-                    temperature=sampling.temperature or 1.0,
-                )
-            )
-        ),
-    }
-    for name, fn in (("gold", gold), ("proxy", proxy)):
-        if fn is None:
-            continue
-        a = [float(x) for x in fn(prompts, s_new.responses)]
-        b = [float(x) for x in fn(prompts, s_old.responses)]
-        wr = win_rate(a, b, seed=seed)
-        out.update({f"{name}_win_rate": wr["win_rate"], f"{name}_win_rate_low": wr["low"],
-                    f"{name}_win_rate_high": wr["high"], f"{name}_new": float(np.mean(a)),
-                    f"{name}_old": float(np.mean(b))})  # fmt: skip
-    out["samples"] = [
-        {"prompt": p, "new": x, "old": y}
-        for p, x, y in zip(prompts, s_new.responses, s_old.responses, strict=True)
-    ]
-    return out
+    kw: dict[str, Any] = {"gold": gold, "proxy": proxy, "seed": seed, "precision": precision}
+    return compare(
+        evaluate_policy(m_new, tok, prompts, sampling, reference=m_old, **kw),
+        evaluate_policy(m_old, tok, prompts, sampling, **kw),
+        seed=seed,
+    )

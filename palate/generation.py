@@ -11,7 +11,6 @@ a vLLM engine for GPUs implements the same two methods.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +29,7 @@ __all__ = [
     "RolloutEngine",
     "SamplingConfig",
     "generate_responses",
+    "inference_model",
 ]
 
 
@@ -62,8 +62,12 @@ def generate_responses(
     *,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> list[Generated]:
-    """Sample one response per prompt, ``batch_size`` prompts at a time."""
+    """Sample one response per prompt, ``batch_size`` prompts at a time (``precision='bf16'``:
+    under bf16 autocast; see :func:`inference_copy` for a model stored for it)."""
+    from palate.training import autocast
+
     sampling = sampling or SamplingConfig()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -75,7 +79,7 @@ def generate_responses(
             input_ids, attention = pad_batch(chunk, pad)
             width = input_ids.shape[1]
             seqs = _sample(model, input_ids.to(device), attention.to(device), sampling,
-                           contextlib.nullcontext(), pad, eos)  # fmt: skip
+                           autocast(device, precision), pad, eos)  # fmt: skip
             for row in seqs[:, width:].tolist():
                 finished = eos in row
                 ids = row[: row.index(eos) + 1] if finished else row
@@ -86,6 +90,16 @@ def generate_responses(
     finally:
         model.train(was_training)
     return out
+
+
+def inference_model(model: Any, precision: str) -> Any:
+    """Freeze ``model`` for sampling/scoring only: no grads, eval mode, and under bf16 its
+    linear weights stored in bf16 (what autocast would compute, without re-casting per token)."""
+    from palate.training import store_frozen_linears
+
+    model.requires_grad_(False).eval()
+    store_frozen_linears(model, precision)
+    return model
 
 
 # --------------------------------------------------------------------------- rollout engines

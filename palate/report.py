@@ -22,7 +22,7 @@ __all__ = ["PLOTS", "build_report"]
 # plot id -> title (the test checks every one is present)
 PLOTS = {
     "training-curves": "Training curves",
-    "gold-vs-proxy": "Gold vs proxy score along PPO",
+    "gold-vs-proxy": "Gold vs proxy score along PPO (held-out checkpoints; rollouts)",
     "length-histogram": "Response lengths",
 }
 
@@ -69,20 +69,30 @@ def _curves(metrics: Sequence[dict[str, Any]]) -> str:
     return _img("training-curves", fig)
 
 
-def _gold_vs_proxy(points: Sequence[dict[str, Any]]) -> str:
+def _gold_vs_proxy(points: Sequence[dict[str, Any]], rollouts: Sequence[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
 
-    if not points:
+    if not points and not rollouts:
         return _missing("gold-vs-proxy", "no checkpoint evaluations")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    x = [p.get("kl", p.get("update", i)) for i, p in enumerate(points)]
-    xlabel = "KL to reference (nats)" if all("kl" in p for p in points) else "update"
-    ax.plot(x, [p["gold"] for p in points], marker="o", label="gold (never seen by the RM)")
-    ax.plot(x, [p["proxy"] for p in points], marker="s", label="proxy (reward model)")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean score")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    panels = [(points, "held-out prompts, PPO checkpoints"), (rollouts, "PPO's own rollouts")]
+    panels = [(pts, t) for pts, t in panels if pts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), squeeze=False)
+    for ax, (pts, title) in zip(axes[0], panels, strict=True):
+        by_kl = all("kl" in p for p in pts)
+        x = [p["kl"] if by_kl else p["update"] for p in pts]
+        ax.plot(x, [p["gold"] for p in pts], marker="o", color="#2a9d8f",
+                label="gold (never seen by the RM)")  # fmt: skip
+        ax.set_xlabel("KL to the initial policy (nats)" if by_kl else "PPO update")
+        ax.set_ylabel("mean gold score", color="#2a9d8f")
+        right = ax.twinx()
+        right.plot(x, [p["proxy"] for p in pts], marker="s", color="#e76f51",
+                   label="proxy (reward model)")  # fmt: skip
+        right.set_ylabel("mean reward-model score", color="#e76f51")
+        lines = ax.get_lines() + right.get_lines()
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="best")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _img("gold-vs-proxy", fig)
 
 
@@ -102,12 +112,46 @@ def _lengths(initial: Sequence[int], final: Sequence[int]) -> str:
     return _img("length-histogram", fig)
 
 
-def _table(rows: Sequence[tuple[str, Any]]) -> str:
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape("" if v is None else str(v))
 
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{fmt(v)}</td></tr>" for k, v in rows)
+
+def _table(rows: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
     return f'<table class="summary">{body}</table>'
+
+
+def _win_table(s: dict[str, Any]) -> str:
+    """Gold and proxy win rates of the final policy over the initial one, with means."""
+    head = ("<tr><th></th><th>win rate (final vs initial)</th><th>95% interval</th>"
+            "<th>mean final</th><th>mean initial</th></tr>")  # fmt: skip
+    rows = []
+    for name, label in (("gold", "gold preference"), ("proxy", "reward model (proxy)")):
+        if f"{name}_win_rate" not in s:
+            continue
+        ci = f"[{_fmt(s.get(f'{name}_win_rate_low'))}, {_fmt(s.get(f'{name}_win_rate_high'))}]"
+        rows.append(f"<tr><th>{label}</th><td><b>{_fmt(s[f'{name}_win_rate'])}</b></td>"
+                    f"<td>{ci}</td><td>{_fmt(s.get(f'{name}_new'))}</td>"
+                    f"<td>{_fmt(s.get(f'{name}_old'))}</td></tr>")  # fmt: skip
+    if "length_new" in s:
+        rows.append(f"<tr><th>response length (tokens)</th><td></td><td></td>"
+                    f"<td>{_fmt(s['length_new'])}</td><td>{_fmt(s.get('length_old'))}</td></tr>")  # fmt: skip
+    if not rows:
+        return '<p class="muted">no evaluation</p>'
+    extra = []
+    if "kl" in s:
+        target = s.get("kl_target")
+        extra.append(("KL(final ‖ initial), nats per response", s["kl"]))
+        if target is not None:
+            extra.append(("KL target (adaptive controller)", float(target)))
+    if s.get("proxy_gold_agreement") is not None:
+        extra.append(("reward model orders final vs initial as the gold does",
+                      s["proxy_gold_agreement"]))  # fmt: skip
+    if "prompts" in s:
+        extra.append(("held-out prompts", s["prompts"]))
+    return f'<table class="wins">{head}{"".join(rows)}</table>' + _table(extra)
 
 
 def _samples(samples: Sequence[dict[str, Any]], limit: int = 8) -> str:
@@ -132,7 +176,7 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:1rem au
 color:#1d232a}h1{margin-bottom:0}.muted{color:#667}figure{margin:1rem 0}img{max-width:100%}
 table{border-collapse:collapse}td,th{border-bottom:1px solid #e4e7eb;padding:.3rem .6rem;
 text-align:left;vertical-align:top}pre{white-space:pre-wrap;margin:0}.samples td{width:50%}
-.prompt{background:#f1f4f8}.who{font-size:.8rem;color:#456}"""
+.prompt{background:#f1f4f8}.wins td,.wins th{text-align:right}.who{font-size:.8rem;color:#456}"""
 
 
 def build_report(
@@ -140,34 +184,64 @@ def build_report(
     *,
     title: str = "palate run",
     summary: dict[str, Any] | None = None,
+    stages: dict[str, dict[str, Any]] | None = None,
     ppo_metrics: Sequence[dict[str, Any]] = (),
     checkpoints: Sequence[dict[str, Any]] = (),
+    rollouts: Sequence[dict[str, Any]] = (),
     lengths_initial: Sequence[int] = (),
     lengths_final: Sequence[int] = (),
     samples: Sequence[dict[str, Any]] = (),
+    notes: str = "",
 ) -> Path:
-    """Write the report to ``path`` (atomically) and return it."""
+    """Write the report to ``path`` (atomically) and return it.
+
+    ``checkpoints``: held-out evaluations along PPO ({update, kl, gold, proxy});
+    ``rollouts``: gold and proxy means of PPO's own rollouts per update ({update, gold, proxy});
+    ``stages``: each stage's summary (labels agreement, reward accuracy, PPO speed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from palate.data import atomic_write
 
     summary = summary or {}
-    keys = ["gold_win_rate", "gold_win_rate_low", "gold_win_rate_high", "proxy_win_rate",
-            "gold_new", "gold_old", "proxy_new", "proxy_old", "kl", "length_new", "length_old"]  # fmt: skip
-    rows = [(k, summary[k]) for k in keys if k in summary]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
-        "<h2>Result: final vs initial policy on held-out prompts</h2>",
-        _table(rows) if rows else '<p class="muted">no evaluation</p>',
+        f'<p class="muted">{html.escape(notes)}</p>' if notes else "",
+        "<h2>Result: final vs initial policy on held-out prompts</h2>", _win_table(summary),
         "<h2>Training</h2>", _curves(ppo_metrics),
-        "<h2>Over-optimisation</h2>", _gold_vs_proxy(checkpoints),
+        "<h2>Over-optimisation: gold vs proxy</h2>",
+        '<p class="muted">The reward model is a proxy for the gold preference. Proxy rising while '
+        "gold falls is reward hacking.</p>",
+        _gold_vs_proxy(checkpoints, rollouts),
         "<h2>Lengths</h2>", _lengths(lengths_initial, lengths_final),
-        "<h2>Samples</h2>", _samples(samples),
+        "<h2>Samples (same prompt, same random seed)</h2>", _samples(samples),
+        "<h2>Stages</h2>", _stages(stages or {}),
         "</body></html>",
     ]  # fmt: skip
     path = Path(path)
     with atomic_write(path) as fh:
         fh.write("\n".join(parts))
     return path
+
+
+_STAGE_KEYS = {
+    "sft": ("eval_loss", "train_loss", "steps"),
+    "pairs": ("pairs", "mean_tokens", "eos_rate"),
+    "labels": ("raters", "comparisons", "labels", "pairwise_agreement", "krippendorff_alpha"),
+    "reward": ("train_pairs", "eval_pairs", "eval_accuracy", "eval_length_reward_spearman"),
+    "ppo": ("updates", "score_first", "score_last", "kl_last", "kl_coef_last", "episodes_per_s"),
+}
+
+
+def _stages(stages: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, keys in _STAGE_KEYS.items():
+        if name in stages:
+            vals = ", ".join(f"{k} {_fmt(stages[name][k])}" for k in keys if k in stages[name])
+            rows.append((name, vals))
+    if not rows:
+        return '<p class="muted">no stage summaries</p>'
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table class="summary">{body}</table>'

@@ -7,7 +7,8 @@ the same store (:mod:`palate.label.store`) as people, so agreement statistics wo
 The gold function is for evaluation; the reward model only ever sees the panel's labels.
 
 The rubric cannot be satisfied by degenerate output: empty responses, responses cut off
-mid-sentence, repetitive ones and ones that ignore the prompt all score low (tested).
+mid-sentence, repetitive ones, ones that ignore the prompt and ones that parrot it back all
+score low (tested).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import Field
@@ -23,7 +24,17 @@ from pydantic import Field
 from palate.config import Config
 from palate.data import Prompt, as_messages
 
-__all__ = ["GoldRubric", "PanelConfig", "gold_features", "gold_score", "label_with_panel"]
+__all__ = [
+    "GoldConfig",
+    "GoldRubric",
+    "PanelConfig",
+    "gold_features",
+    "gold_score",
+    "gold_scorer",
+    "label_with_panel",
+]
+
+ScoreFn = Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]]
 
 _WORD = re.compile(r"[A-Za-z']+")
 _STOP = {
@@ -48,6 +59,9 @@ class GoldRubric(Config):
     )
     refusal_weight: float = Field(1.0, description="Penalty for refusal phrases.")
     repetition_weight: float = Field(2.0, description="Penalty × fraction of repeated trigrams.")
+    echo_weight: float = Field(
+        2.0, description="Penalty × fraction of the response's trigrams copied from the prompt."
+    )
     truncation_penalty: float = Field(
         1.0, description="Penalty when the response does not end a sentence (cut off)."
     )
@@ -81,7 +95,10 @@ def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str
     n = len(words)
     trigrams = [tuple(words[i : i + 3]) for i in range(max(0, n - 2))]
     repeated = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-    content_p = {w for w in _words(_prompt_str(prompt)) if w not in _STOP and len(w) > 2}
+    p_words = _words(_prompt_str(prompt))
+    p_trigrams = {tuple(p_words[i : i + 3]) for i in range(max(0, len(p_words) - 2))}
+    echo = sum(t in p_trigrams for t in trigrams) / len(trigrams) if trigrams else 0.0
+    content_p = {w for w in p_words if w not in _STOP and len(w) > 2}
     content_r = {w for w in words if w not in _STOP and len(w) > 2}
     relevance = len(content_p & content_r) / len(content_p) if content_p else 0.0
     stripped = response.strip()
@@ -93,6 +110,7 @@ def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str
         "relevance": min(1.0, 2 * relevance),
         "refusal": float(bool(_REFUSAL.search(response))),
         "repetition": repeated,
+        "echo": echo,
         "truncated": float(bool(stripped) and stripped[-1] not in ".!?\"')]*:;"),
     }
 
@@ -110,6 +128,7 @@ def gold_score(prompt: Prompt, response: str, rubric: GoldRubric | None = None) 
         + rubric.relevance_weight * f["relevance"]
         - rubric.refusal_weight * f["refusal"]
         - rubric.repetition_weight * f["repetition"]
+        - rubric.echo_weight * f["echo"]
         - rubric.truncation_penalty * f["truncated"]
     )
 
@@ -128,7 +147,36 @@ class PanelConfig(Config):
         0.0, ge=0, description="Answer 'tie' when |g_A − g_B| is below this (and ties allowed)."
     )
     seed: int = Field(0, description="Seed of the raters' biases and choices.")
-    rubric: GoldRubric = Field(default_factory=GoldRubric, description="The gold preference.")
+
+
+class GoldConfig(Config):
+    """The gold preference: the rubric, or a named reward model scoring in its place."""
+
+    rubric: GoldRubric = Field(default_factory=GoldRubric, description="The gold rubric.")
+    reward_model: str | None = Field(
+        None,
+        description="Use this trained reward model's score as the gold instead of the rubric "
+        "(e.g. a bigger RM standing in for people).",
+    )
+
+
+def gold_scorer(gold: GoldConfig | GoldRubric | None = None) -> ScoreFn:
+    """A batched ``score(prompts, responses) -> list[float]`` for the gold preference."""
+    if isinstance(gold, GoldConfig) and gold.reward_model:
+        from palate.reward import RewardModel
+
+        rm = RewardModel.load(gold.reward_model)
+
+        def rm_score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+            return [float(x) for x in rm.score(list(prompts), list(responses))]
+
+        return rm_score
+    rubric = gold.rubric if isinstance(gold, GoldConfig) else gold or GoldRubric()
+
+    def score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        return [gold_score(p, r, rubric) for p, r in zip(prompts, responses, strict=True)]
+
+    return score
 
 
 def choose(g_a: float, g_b: float, len_diff: float, bias: float, cfg: PanelConfig,
@@ -141,15 +189,19 @@ def choose(g_a: float, g_b: float, len_diff: float, bias: float, cfg: PanelConfi
     return "a" if rng.random() < p_a else "b"
 
 
-def label_with_panel(db_url: str, campaign: str, cfg: PanelConfig) -> dict[str, Any]:
+def label_with_panel(
+    db_url: str, campaign: str, cfg: PanelConfig, gold: ScoreFn | None = None
+) -> dict[str, Any]:
     """Label ``campaign`` with a simulated panel through the labeling store (same assignment
-    path as people); raters are created as users ``sim-0`` … if missing."""
+    path as people); raters are created as users ``sim-0`` … if missing. ``gold`` scores
+    responses (default: the default :class:`GoldRubric`)."""
     from sqlalchemy import select
 
     from palate.errors import ConfigError
     from palate.label.db import Campaign, Pair, User, open_db
     from palate.label.store import LabelIn, create_user, flip, next_assignment, submit_label
 
+    gold = gold or gold_scorer()
     rng = random.Random(cfg.seed)
     factory = open_db(db_url)
     n = 0
@@ -157,12 +209,18 @@ def label_with_panel(db_url: str, campaign: str, cfg: PanelConfig) -> dict[str, 
         camp = db.scalar(select(Campaign).where(Campaign.name == campaign))
         if camp is None:
             raise ConfigError(f"{db_url}: no campaign named {campaign!r}")
+        pairs = list(db.scalars(select(Pair).where(Pair.campaign_id == camp.id)))
+        g_a = gold([p.prompt for p in pairs], [p.response_a for p in pairs])
+        g_b = gold([p.prompt for p in pairs], [p.response_b for p in pairs])
+        scored = {
+            p.id: (float(a), float(b), len(_words(p.response_a)) - len(_words(p.response_b)))
+            for p, a, b in zip(pairs, g_a, g_b, strict=True)
+        }
         raters: list[tuple[User, float]] = []
         for i in range(cfg.raters):
             name = f"sim-{i}"
             user = db.scalar(select(User).where(User.name == name)) or create_user(db, name)[0]
             raters.append((user, rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0))
-        cache: dict[int, tuple[float, float, float]] = {}
         active = list(raters)
         while active:
             for user, bias in list(active):
@@ -170,18 +228,10 @@ def label_with_panel(db_url: str, campaign: str, cfg: PanelConfig) -> dict[str, 
                 if a is None:
                     active.remove((user, bias))
                     continue
-                pair = db.get(Pair, a.pair_id)
-                assert pair is not None
-                if pair.id not in cache:
-                    cache[pair.id] = (
-                        gold_score(pair.prompt, pair.response_a, cfg.rubric),
-                        gold_score(pair.prompt, pair.response_b, cfg.rubric),
-                        len(_words(pair.response_a)) - len(_words(pair.response_b)),
-                    )
-                g_a, g_b, dlen = cache[pair.id]
-                ans = choose(g_a, g_b, dlen, bias, cfg, rng)
+                ga, gb, dlen = scored[a.pair_id]
+                ans = choose(ga, gb, dlen, bias, cfg, rng)
                 if ans == "tie" and "tie" not in camp.answers:
-                    ans = "a" if g_a >= g_b else "b"
+                    ans = "a" if ga >= gb else "b"
                 submit_label(db, a, user, LabelIn(answer=flip(ans, a.swapped)))
                 n += 1
     return {"campaign": campaign, "labels": n, "raters": cfg.raters}

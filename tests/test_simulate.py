@@ -30,6 +30,9 @@ def test_degenerate_responses_score_low() -> None:
         ),  # fmt: skip
         "refusal": "I'm sorry, I can't help with that.",
         "one word": "Great!",
+        "parrots the prompt": "How do I keep my houseplants healthy in winter?",
+        "parrots it twice": "How do I keep my houseplants healthy in winter? How do I keep my "
+        "houseplants healthy in winter? Great question, happy to help!",
     }
     for name, text in degenerate.items():
         assert gold_score(prompt, text) < good - 0.5, name
