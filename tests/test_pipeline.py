@@ -267,3 +267,19 @@ def test_pairing_all_or_disjoint() -> None:
     assert _pair_indices(4, "all") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
     assert _pair_indices(4, "disjoint") == [(0, 1), (2, 3)]
     assert _pair_indices(3, "disjoint") == [(0, 1)]  # the odd one out is not compared
+
+
+def test_optional_sft_stage_becomes_the_initial_policy(tmp_path: Path, hh_file: Path) -> None:
+    out = tmp_path / "run"
+    sets = tiny_overrides(out, hh_file) + [
+        f"sft.data={hh_file}", "sft.max_examples=16", "sft.max_length=96", "sft.train.epochs=1",
+        "sft.sample_prompts=0", "ppo.ppo.updates=2", "eval.checkpoints=false",
+    ]  # fmt: skip
+    summary = run_pipeline(load_config(RunConfig, QUICKSTART, sets))
+    assert summary["status"] == "complete"
+    sft_final = out / "sft" / "final"
+    assert (out / "sft" / "summary.json").is_file() and (sft_final / "config.json").is_file()
+    pair = json.loads((out / "pairs" / "pairs.jsonl").read_text().splitlines()[0])
+    assert pair["source_a"] == str(sft_final)  # pairs come from the SFT policy
+    ppo_cfg = (out / "ppo" / "config.yaml").read_text()
+    assert f"model: {sft_final}" in ppo_cfg  # and PPO starts from it (its KL reference)
