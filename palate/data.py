@@ -31,7 +31,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -393,13 +393,26 @@ def read_records(
     return report
 
 
-def split_heldout(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """(train, held-out): a seeded random ``fraction`` held out, both in file order."""
+def split_heldout(
+    items: list[T], fraction: float, seed: int, group: Callable[[T], Any] | None = None
+) -> tuple[list[T], list[T]]:
+    """(train, held-out): a seeded random ``fraction`` held out, both in file order.
+
+    With ``group`` (e.g. the prompt), whole groups are held out, so no held-out item shares a
+    group with a training one; when every group has one item the split is the same as without.
+    """
     import torch
 
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[: int(round(fraction * len(items)))])
-    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+    keys = [group(x) for x in items] if group is not None else list(range(len(items)))
+    first: dict[Any, int] = {}
+    for k in keys:
+        first.setdefault(k, len(first))
+    n = len(first)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[: int(round(fraction * n))])
+    is_held = [first[k] in held for k in keys]
+    return ([x for x, h in zip(items, is_held, strict=True) if not h],
+            [x for x, h in zip(items, is_held, strict=True) if h])  # fmt: skip
 
 
 # --------------------------------------------------------------------------- writing

@@ -149,6 +149,9 @@ class RunReward(RewardConfig):
     """The reward-model stage (``palate reward train`` fields; data and output_dir are the run's)."""
 
     data: str | None = Field(None, description="Set by the run (the labels).")  # type: ignore[assignment]
+    split_by: Literal["comparison", "prompt"] = Field(
+        "prompt", description="Held-out accuracy on whole prompts (k samples → several pairs each)."
+    )
     output_dir: str | None = Field(None, description="Set by the run (RUN/reward).")  # type: ignore[assignment]
 
 

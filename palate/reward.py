@@ -474,6 +474,12 @@ class RewardConfig(Config):
     eval_fraction: float = Field(
         0.2, ge=0, lt=1, description="Fraction of `data` held out (seeded) when no eval_data."
     )
+    split_by: Literal["comparison", "prompt"] = Field(
+        "comparison",
+        description="Hold out comparisons at random, or whole prompts (every comparison of a "
+        "held-out prompt: use it when prompts have several pairs, else held-out accuracy is "
+        "optimistic).",
+    )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N comparisons.")
     output_dir: str = Field(description="Run directory.")
     seed: int = Field(0, description="Seed for the split, data order and the head's init.")
@@ -598,7 +604,9 @@ def _split(cfg: RewardConfig) -> tuple[list[Comparison], list[Comparison]]:
     if cfg.eval_data:
         return comps, list(read_records(cfg.eval_data, "comparisons").records)
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    return split_heldout(comps, cfg.eval_fraction, seed)
+    by_prompt = cfg.split_by == "prompt"
+    return split_heldout(comps, cfg.eval_fraction, seed,
+                         group=(lambda c: prompt_text(c.prompt)) if by_prompt else None)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- evaluation

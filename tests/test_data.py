@@ -169,3 +169,16 @@ def test_write_is_atomic(tmp_path: Path) -> None:
         write_jsonl(p, rows())
     assert p.read_text() == '{"prompt": "old"}\n'
     assert [f.name for f in tmp_path.iterdir()] == ["x.jsonl"]
+
+
+def test_split_heldout_by_group_keeps_groups_whole() -> None:
+    from palate.data import split_heldout
+
+    items = [(p, i) for p in "abcdefghij" for i in range(3)]  # 10 prompts x 3 pairs
+    train, held = split_heldout(items, 0.2, seed=0, group=lambda x: x[0])
+    assert len(held) == 6 and len({p for p, _ in held}) == 2  # 2 of 10 prompts, all their pairs
+    assert not {p for p, _ in held} & {p for p, _ in train}
+    assert train + held != items and sorted(train + held) == sorted(items)
+    # one item per group: the same split as without groups
+    flat = list(range(50))
+    assert split_heldout(flat, 0.2, 3, group=lambda x: x) == split_heldout(flat, 0.2, 3)
