@@ -49,6 +49,7 @@ __all__ = [
     "RecordKind",
     "as_messages",
     "parse_hh_transcript",
+    "prompt_json",
     "prompt_text",
     "read_records",
     "split_heldout",
@@ -170,6 +171,11 @@ def prompt_text(prompt: Prompt | list[dict[str, Any]]) -> str:
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
+
+
+def prompt_json(prompt: Prompt) -> str | list[dict[str, Any]]:
+    """A prompt as stored in JSONL and the labeling DB: the string, or its messages as dicts."""
+    return prompt if isinstance(prompt, str) else [m.model_dump() for m in prompt]
 
 
 def parse_hh_transcript(text: str) -> list[Message]:

@@ -115,12 +115,13 @@ class ScoredSamples:
     proxy: list[float] | None = None  # (N,) reward-model score per response
     kl: list[float] | None = None  # (N,) Σ_t log π/π_ref on the response (vs the reference)
 
-    def means(self) -> dict[str, float]:
-        out = {"length": float(np.mean(self.samples.lengths))}
+    def means(self, n: int | None = None) -> dict[str, float]:
+        """Mean length, gold, proxy and KL (those present), over the first ``n`` prompts."""
+        out = {"length": float(np.mean(self.samples.lengths[:n]))}
         for k in ("gold", "proxy", "kl"):
             v = getattr(self, k)
             if v is not None:
-                out[k] = float(np.mean(v))
+                out[k] = float(np.mean(v[:n]))
         return out
 
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from palate.config import Config
-from palate.data import prompt_text, read_records, write_jsonl
+from palate.data import prompt_json, prompt_text, read_records, write_jsonl
 from palate.errors import ConfigError, DataError
 from palate.generation import SamplingConfig
 from palate.ppo import PPOConfig, RewardSource
@@ -361,8 +361,8 @@ def _prepare_prompts(run: Run) -> tuple[Path, Path]:
         )
     held_p, train_p = unique[: cfg.eval_prompts], unique[cfg.eval_prompts :][: cfg.max_prompts]
 
-    write_jsonl(train, [{"prompt": _prompt_json(p)} for p in train_p])
-    write_jsonl(held, [{"prompt": _prompt_json(p)} for p in held_p])
+    write_jsonl(train, [{"prompt": prompt_json(p)} for p in train_p])
+    write_jsonl(held, [{"prompt": prompt_json(p)} for p in held_p])
     meta.write_text(json.dumps({"key": key, "train": len(train_p), "eval": len(held_p)}) + "\n")
     return train, held
 
@@ -388,41 +388,24 @@ def stage_sft(run: Run) -> dict[str, Any]:
     return sft(SFTConfig.model_validate(data))
 
 
-def _prompt_json(p: Any) -> Any:
-    """A prompt as stored in JSONL: the string, or its messages as dicts."""
-    return p if isinstance(p, str) else [m.model_dump() for m in p]
-
-
-def _pair_indices(k: int, pairing: str) -> list[tuple[int, int]]:
-    """Which of a prompt's k responses are compared: all k(k-1)/2 pairs, or disjoint ones."""
-    if pairing == "all":
-        return [(a, b) for a in range(k) for b in range(a + 1, k)]
-    return [(a, a + 1) for a in range(0, k - 1, 2)]
-
-
 def stage_pairs(run: Run) -> dict[str, Any]:
     import torch
 
-    from palate.generation import generate_responses
+    from palate.label.campaign import sample_pairs
 
     cfg = run.cfg.pairs
     prompts = _prompts(run.root / "prompts" / "train.jsonl")[: cfg.prompts]
     precision = run.precision()
     model, tok = _load_sampler(run.policy, precision)
-    k = cfg.samples_per_prompt
-    many = [p for p in prompts for _ in range(k)]
     random.seed(run.cfg.seed)
     torch.manual_seed(run.cfg.seed)
-    with progress_bar("pairs", total=len(many)) as bar:
-        gens = generate_responses(model, tok, many, cfg.sampling, batch_size=cfg.batch_size,
-                                  precision=precision, on_batch=bar.advance)  # fmt: skip
-    rows = []
-    for j, p in enumerate(prompts):
-        texts = [g.text for g in gens[j * k : (j + 1) * k]]
-        for a, b in _pair_indices(k, cfg.pairing):
-            rows.append({"prompt": _prompt_json(p), "response_a": texts[a],
-                         "response_b": texts[b], "source_a": run.policy,
-                         "source_b": run.policy})  # fmt: skip
+    with progress_bar("pairs", total=len(prompts) * cfg.samples_per_prompt) as bar:
+        pairs, gens = sample_pairs(model, tok, prompts, cfg.sampling, k=cfg.samples_per_prompt,
+                                   pairing=cfg.pairing, source=run.policy,
+                                   batch_size=cfg.batch_size, precision=precision,
+                                   on_batch=bar.advance)  # fmt: skip
+    rows = [{"prompt": p.prompt, "response_a": p.response_a, "response_b": p.response_b,
+             "source_a": p.source_a, "source_b": p.source_b} for p in pairs]  # fmt: skip
     d = run.dir("pairs")
     write_jsonl(d / "pairs.jsonl", rows)
     summary = {"stage": "pairs", "pairs": len(rows), "prompts": len(prompts),
@@ -625,7 +608,7 @@ def _rollout_curve(run: Run, gold: Callable[..., Any]) -> list[dict[str, Any]]:
     """Gold vs proxy on PPO's own rollouts, one point per logged update."""
     points = []
     for f in sorted((run.dir("ppo") / "samples").glob("update-*.jsonl")):
-        rows = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+        rows = _jsonl(f)
         if not rows:
             continue
         g = gold([r["prompt"] for r in rows], [r["response"] for r in rows])
@@ -666,37 +649,26 @@ def stage_eval(run: Run) -> dict[str, Any]:
         old = evaluate_policy(initial, tok, prompts, sampling, **kw)
         final, _ = _load_sampler(str(run.dir("ppo") / "final"), precision)
         new = evaluate_policy(final, tok, prompts, sampling, reference=initial, **kw)
-        points = [{"update": 0, "kl": 0.0, **_means(old, n_ck)}]
+        points = [{"update": 0, "kl": 0.0, **old.means(n_ck)}]
         for ck in ckpts:
             model = _checkpoint_policy(ck, run.policy, precision)
             sc = evaluate_policy(model, tok, prompts[:n_ck], sampling, reference=initial, **kw)
-            points.append({"update": int(ck.name.split("-")[1]), **_means(sc, n_ck)})
+            points.append({"update": int(ck.name.split("-")[1]), **sc.means(n_ck)})
             del model
-    updates = ppo_config(run).ppo.updates
-    points.append({"update": updates, **_means(new, n_ck)})
+    points.append({"update": run.cfg.ppo.ppo.updates, **new.means(n_ck)})
     result = compare(new, old, seed=cfg.seed)
     d = run.dir("eval")
     write_jsonl(d / "samples.jsonl", [
-        {**s, "prompt": _prompt_json(s["prompt"]), "length_new": a, "length_old": b}
+        {**s, "prompt": prompt_json(s["prompt"]), "length_new": a, "length_old": b}
         for s, a, b in zip(result.pop("samples"), new.samples.lengths, old.samples.lengths,
                            strict=True)
     ])  # fmt: skip
     write_jsonl(d / "checkpoints.jsonl", points)
     write_jsonl(d / "rollouts.jsonl", _rollout_curve(run, gold))
-    kl_target = ppo_config(run).kl.target if run.cfg.ppo.kl.adaptive else None
+    kl_target = run.cfg.ppo.kl.target if run.cfg.ppo.kl.adaptive else None
     summary = {"stage": "eval", **result, "kl_target": kl_target}
     RunDir(d).write_summary(summary)
     return summary
-
-
-def _means(sc: Any, n: int) -> dict[str, float]:
-    """Mean gold / proxy / KL / length over the first ``n`` prompts (the checkpoint subset)."""
-    out: dict[str, float] = {"length": sum(sc.samples.lengths[:n]) / n}
-    for k in ("gold", "proxy", "kl"):
-        v = getattr(sc, k)
-        if v is not None:
-            out[k] = sum(v[:n]) / n
-    return out
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:

@@ -261,7 +261,7 @@ def test_people_without_waiting_exits_then_continues(tmp_path: Path, hh_file: Pa
 
 
 def test_pairing_all_or_disjoint() -> None:
-    from palate.pipeline import _pair_indices
+    from palate.label.campaign import pair_indices as _pair_indices
 
     assert _pair_indices(2, "all") == [(0, 1)] == _pair_indices(2, "disjoint")
     assert _pair_indices(4, "all") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]

@@ -4,16 +4,20 @@ or from a model's samples, exports that ``palate reward train`` reads directly."
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from palate.config import Config
-from palate.data import read_records, write_jsonl
+from palate.data import Prompt, prompt_json, read_records, write_jsonl
 from palate.errors import ConfigError, DataError
 from palate.label.db import ANSWERS, Campaign, open_db
 from palate.label.store import PairIn, create_campaign, create_user, export_rows
+
+if TYPE_CHECKING:  # torch is imported only when sampling
+    from palate.generation import Generated, SamplingConfig
 
 
 class LabelCreateConfig(Config):
@@ -82,24 +86,52 @@ def parse_pairs(text: str, name: str = "pairs") -> list[PairIn]:
     return out
 
 
+def pair_indices(k: int, pairing: str) -> list[tuple[int, int]]:
+    """Which of a prompt's k responses are compared: all k(k-1)/2 pairs, or disjoint ones."""
+    if pairing == "all":
+        return [(a, b) for a in range(k) for b in range(a + 1, k)]
+    return [(a, a + 1) for a in range(0, k - 1, 2)]
+
+
+def sample_pairs(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    k: int,
+    pairing: str = "disjoint",
+    source: str = "",
+    batch_size: int = 8,
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[PairIn], list[Generated]]:
+    """Sample k responses per prompt and pair them (:func:`pair_indices`); returns the pairs
+    and every generation (for token/EOS statistics)."""
+    from palate.generation import generate_responses
+
+    many = [p for p in prompts for _ in range(k)]
+    gens = generate_responses(model, tok, many, sampling, batch_size=batch_size,
+                              precision=precision, on_batch=on_batch)  # fmt: skip
+    pairs = []
+    for j, p in enumerate(prompts):
+        texts = [g.text for g in gens[j * k : (j + 1) * k]]
+        for a, b in pair_indices(k, pairing):
+            pairs.append(PairIn(prompt=prompt_json(p), response_a=texts[a], response_b=texts[b],
+                                source_a=source, source_b=source))  # fmt: skip
+    return pairs, gens
+
+
 def _sampled_pairs(cfg: LabelCreateConfig) -> list[PairIn]:
-    from palate.generation import SamplingConfig, generate_responses
+    from palate.generation import SamplingConfig
     from palate.models import load_model
 
     prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records]  # type: ignore[arg-type]
     prompts = prompts[: cfg.max_prompts]
     model, tok = load_model(cfg.model)  # type: ignore[arg-type]
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     k = cfg.samples_per_prompt - cfg.samples_per_prompt % 2
-    many = [p for p in prompts for _ in range(k)]
-    gens = generate_responses(model, tok, many, SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature))  # fmt: skip
-    pairs = []
-    for i in range(0, len(many), 2):
-        p = many[i]
-        prompt: Any = p if isinstance(p, str) else [m.model_dump() for m in p]
-        pairs.append(PairIn(prompt=prompt, response_a=gens[i].text, response_b=gens[i + 1].text,
-                            source_a=str(cfg.model), source_b=str(cfg.model)))  # fmt: skip
-    return pairs
+    return sample_pairs(model, tok, prompts, sampling, k=k, source=str(cfg.model))[0]
 
 
 def create_label_campaign(cfg: LabelCreateConfig) -> dict[str, Any]:
