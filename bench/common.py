@@ -8,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +30,39 @@ def run_side(python: str, script: str, argv: list[str], side: str, setting: str)
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{side}/{setting} failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_sides(
+    settings: list[str],
+    sides: list[str],
+    run: Callable[[str, str], dict],
+    metric: str,
+    label: str,
+    *,
+    width: int = 10,
+    digits: int = 3,
+    echo: bool = False,
+) -> list[dict]:
+    """Run every side for every setting (``run(side, setting)`` → its result dict), add the
+    palate/trl ratios of ``metric`` and peak RSS when both sides ran, print the table."""
+    results = []
+    for setting in settings:
+        r: dict = {"setting": setting}
+        for side in sides:
+            r[side] = run(side, setting)
+            if echo:
+                print(json.dumps(r[side]), file=sys.stderr)
+        if len(sides) == 2:
+            r[f"{metric}_ratio"] = r["palate"][metric] / r["trl"][metric]
+            r["peak_rss_ratio"] = r["palate"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
+        results.append(r)
+    print(f"{'setting':<14} {'side':<7} {'precision':<9} {label:>{width}} {'peak RSS MB':>12}")
+    for r in results:
+        for side in sides:
+            x = r[side]
+            print(f"{r['setting']:<14} {side:<7} {x['precision']:<9} "
+                  f"{x[metric]:{width}.{digits}f} {x['peak_rss_mb']:12.0f}")  # fmt: skip
+        if len(sides) == 2:
+            print(f"{r['setting']:<14} ratio palate/trl: {label} {r[f'{metric}_ratio']:.2f}x, "
+                  f"peak RSS {r['peak_rss_ratio']:.2f}x")  # fmt: skip
+    return results

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, peak_rss_mb, run_side  # noqa: E402 - bench/ is on sys.path
+from common import ROOT, compare_sides, peak_rss_mb, run_side  # noqa: E402 - bench/ is on sys.path
 
 TRL_PY = ROOT / "bench" / ".venv-trl-ppo" / "bin" / "python"
 HH = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
@@ -233,26 +233,12 @@ def main() -> None:
     print(f"{args.batch_size} prompts (<= {args.max_prompt_length} tokens), batch "
           f"{args.batch_size}, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
           f"{args.updates} updates per side", file=sys.stderr)  # fmt: skip
-    results = []
-    for setting in args.settings.split(","):
-        r: dict = {"setting": setting}
-        for side in sides:
-            r[side] = child(sys.executable if side == "palate" else str(TRL_PY), args, side,
-                            setting)  # fmt: skip
-            print(json.dumps(r[side]), file=sys.stderr)
-        if len(sides) == 2:
-            r["episodes_per_s_ratio"] = r["palate"]["episodes_per_s"] / r["trl"]["episodes_per_s"]
-            r["peak_rss_ratio"] = r["palate"]["peak_rss_mb"] / r["trl"]["peak_rss_mb"]
-        results.append(r)
-    print(f"{'setting':<14} {'side':<7} {'precision':<9} {'episodes/s':>10} {'peak RSS MB':>12}")
-    for r in results:
-        for side in sides:
-            x = r[side]
-            print(f"{r['setting']:<14} {side:<7} {x['precision']:<9} {x['episodes_per_s']:10.3f} "
-                  f"{x['peak_rss_mb']:12.0f}")  # fmt: skip
-        if len(sides) == 2:
-            print(f"{r['setting']:<14} ratio palate/trl: episodes/s "
-                  f"{r['episodes_per_s_ratio']:.2f}x, peak RSS {r['peak_rss_ratio']:.2f}x")  # fmt: skip
+    results = compare_sides(
+        args.settings.split(","), sides,
+        lambda side, setting: child(sys.executable if side == "palate" else str(TRL_PY), args,
+                                    side, setting),
+        "episodes_per_s", "episodes/s", width=10, digits=3, echo=True,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(results))
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, peak_rss_mb, run_side  # noqa: E402 - bench/ is on sys.path
+from common import ROOT, compare_sides, peak_rss_mb, run_side  # noqa: E402 - bench/ is on sys.path
 
 TRL_PY = ROOT / "bench" / ".venv-trl" / "bin" / "python"
 HH = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
@@ -196,25 +196,12 @@ def main() -> None:
     args.data = str(data)
     print(f"{got} pairs, batch {args.batch_size}, max_length {args.max_length}, "
           f"{args.steps} steps (first {args.warmup} not timed)", file=sys.stderr)  # fmt: skip
-    results = []
-    for setting in args.settings.split(","):
-        pal = child(sys.executable, args, "palate", setting)
-        trl = child(str(TRL_PY), args, "trl", setting)
-        results.append({
-            "setting": setting,
-            "palate": pal,
-            "trl": trl,
-            "pairs_per_s_ratio": pal["pairs_per_s"] / trl["pairs_per_s"],
-            "peak_rss_ratio": pal["peak_rss_mb"] / trl["peak_rss_mb"],
-        })  # fmt: skip
-    print(f"{'setting':<14} {'side':<7} {'precision':<9} {'pairs/s':>8} {'peak RSS MB':>12}")
-    for r in results:
-        for side in ("palate", "trl"):
-            x = r[side]
-            print(f"{r['setting']:<14} {side:<7} {x['precision']:<9} {x['pairs_per_s']:8.2f} "
-                  f"{x['peak_rss_mb']:12.0f}")  # fmt: skip
-        print(f"{r['setting']:<14} ratio palate/trl: pairs/s {r['pairs_per_s_ratio']:.2f}x, "
-              f"peak RSS {r['peak_rss_ratio']:.2f}x")  # fmt: skip
+    results = compare_sides(
+        args.settings.split(","), ["palate", "trl"],
+        lambda side, setting: child(sys.executable if side == "palate" else str(TRL_PY), args,
+                                    side, setting),
+        "pairs_per_s", "pairs/s", width=8, digits=2,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(results))
 
