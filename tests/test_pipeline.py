@@ -31,7 +31,8 @@ def tiny_overrides(out: Path, hh_file: Path) -> list[str]:
     """The quickstart scaled down to the tiny random model (seconds instead of minutes)."""
     return [
         f"output_dir={out}", "model=tiny", f"prompts.file={hh_file}", "prompts.eval_prompts=8",
-        "prompts.max_prompts=24", "pairs.prompts=6", "pairs.sampling.max_new_tokens=8",
+        "prompts.max_prompts=24", "pairs.prompts=6", "pairs.samples_per_prompt=4",
+        "pairs.sampling.max_new_tokens=8",
         "reward.model=tiny", "reward.pooling=cls", "reward.max_length=64", "reward.train.epochs=1",
         "reward.train.batch_size=4", "ppo.sampling.max_new_tokens=8", "ppo.ppo.updates=4",
         "ppo.ppo.batch_size=4", "ppo.ppo.mini_batch_size=2", "ppo.ppo.epochs=1",

@@ -15,11 +15,21 @@ GOOD = ("Keep your houseplants near a bright window, water them less often in wi
         "healthy until spring!")  # fmt: skip
 
 
-def test_degenerate_responses_score_low() -> None:
+def _quickstart_rubric() -> GoldRubric:
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "examples" / "quickstart.yaml").read_text())
+    return GoldRubric(**cfg["gold"]["rubric"])
+
+
+@pytest.mark.parametrize("which", ["default", "quickstart"])
+def test_degenerate_responses_score_low(which: str) -> None:
+    """Neither the default rubric nor the one `make demo` ships can be gamed by degenerate text."""
     from palate.data import Message
 
+    rubric = GoldRubric() if which == "default" else _quickstart_rubric()
     prompt = [Message(**m) for m in PROMPT]
-    good = gold_score(prompt, GOOD)
+    good = gold_score(prompt, GOOD, rubric)
     degenerate = {
         "empty": "",
         "truncated": GOOD[:60],
@@ -35,7 +45,7 @@ def test_degenerate_responses_score_low() -> None:
         "houseplants healthy in winter? Great question, happy to help!",
     }
     for name, text in degenerate.items():
-        assert gold_score(prompt, text) < good - 0.5, name
+        assert gold_score(prompt, text, rubric) < good - 0.5, name
 
 
 def test_rubric_keywords_and_length() -> None:
