@@ -27,12 +27,15 @@ QUICKSTART = REPO / "examples" / "quickstart.yaml"
 PEOPLE = REPO / "examples" / "people.yaml"
 
 
-def tiny_overrides(out: Path, hh_file: Path) -> list[str]:
-    """The quickstart scaled down to the tiny random model (seconds instead of minutes)."""
-    return [
+def tiny_overrides(out: Path, hh_file: Path, samples_per_prompt: int | None = 4) -> list[str]:
+    """The quickstart scaled down to the tiny random model (seconds instead of minutes);
+    ``samples_per_prompt=None`` keeps the config's own (people.yaml: 2)."""
+    samples = (
+        [] if samples_per_prompt is None else [f"pairs.samples_per_prompt={samples_per_prompt}"]
+    )
+    return samples + [
         f"output_dir={out}", "model=tiny", f"prompts.file={hh_file}", "prompts.eval_prompts=8",
-        "prompts.max_prompts=24", "pairs.prompts=6", "pairs.samples_per_prompt=4",
-        "pairs.sampling.max_new_tokens=8",
+        "prompts.max_prompts=24", "pairs.prompts=6", "pairs.sampling.max_new_tokens=8",
         "reward.model=tiny", "reward.pooling=cls", "reward.max_length=64", "reward.train.epochs=1",
         "reward.train.batch_size=4", "ppo.sampling.max_new_tokens=8", "ppo.ppo.updates=4",
         "ppo.ppo.batch_size=4", "ppo.ppo.mini_batch_size=2", "ppo.ppo.epochs=1",
@@ -192,7 +195,7 @@ def _label_everything(url: str, token: str, cid: int) -> int:
 
 def test_people_pipeline_waits_for_labels_from_the_api(tmp_path: Path, hh_file: Path) -> None:
     out = tmp_path / "run"
-    cfg = load_config(RunConfig, PEOPLE, tiny_overrides(out, hh_file) + [
+    cfg = load_config(RunConfig, PEOPLE, tiny_overrides(out, hh_file, None) + [
         "raters.people.port=0", "raters.people.poll_seconds=0.2"])  # fmt: skip
     assert cfg.raters.kind == "people" and cfg.raters.people.wait
     result: dict = {}
@@ -236,7 +239,7 @@ def test_people_pipeline_waits_for_labels_from_the_api(tmp_path: Path, hh_file: 
 
 def test_people_without_waiting_exits_then_continues(tmp_path: Path, hh_file: Path) -> None:
     out = tmp_path / "run"
-    sets = tiny_overrides(out, hh_file) + ["raters.people.wait=false"]
+    sets = tiny_overrides(out, hh_file, None) + ["raters.people.wait=false"]
     cfg = load_config(RunConfig, PEOPLE, sets)
     with pytest.raises(WaitingForLabels, match=rf"0/{6 * cfg.raters.overlap} labels"):
         run_pipeline(cfg)
