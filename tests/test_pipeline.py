@@ -265,12 +265,12 @@ def test_people_without_waiting_exits_then_continues(tmp_path: Path, hh_file: Pa
 
 
 def test_pairing_all_or_disjoint() -> None:
-    from palate.label.campaign import pair_indices as _pair_indices
+    from palate.label.campaign import pair_indices
 
-    assert _pair_indices(2, "all") == [(0, 1)] == _pair_indices(2, "disjoint")
-    assert _pair_indices(4, "all") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-    assert _pair_indices(4, "disjoint") == [(0, 1), (2, 3)]
-    assert _pair_indices(3, "disjoint") == [(0, 1)]  # the odd one out is not compared
+    assert pair_indices(2, "all") == [(0, 1)] == pair_indices(2, "disjoint")
+    assert pair_indices(4, "all") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert pair_indices(4, "disjoint") == [(0, 1), (2, 3)]
+    assert pair_indices(3, "disjoint") == [(0, 1)]  # the odd one out is not compared
 
 
 def test_optional_sft_stage_becomes_the_initial_policy(tmp_path: Path, hh_file: Path) -> None:

@@ -16,10 +16,11 @@ GOOD = ("Keep your houseplants near a bright window, water them less often in wi
 
 
 def _quickstart_rubric() -> GoldRubric:
-    import yaml
+    from palate.config import load_config
+    from palate.pipeline import RunConfig
 
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "examples" / "quickstart.yaml").read_text())
-    return GoldRubric(**cfg["gold"]["rubric"])
+    quickstart = Path(__file__).parents[1] / "examples" / "quickstart.yaml"
+    return load_config(RunConfig, quickstart).gold.rubric
 
 
 @pytest.mark.parametrize("which", ["default", "quickstart"])
