@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.palate-setup
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps test test-fast lint format demo clean
+.PHONY: setup sysdeps test test-fast lint typecheck format demo clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+typecheck: setup
+	$(VENV)/bin/mypy
+
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -33,7 +36,7 @@ sysdeps:
 	bash scripts/system-deps.sh
 
 # The whole suite, including the few tests that load the real 135M model (what CI runs).
-test: setup lint sysdeps
+test: setup lint typecheck sysdeps
 	$(VENV)/bin/pytest -q --run-slow $(PYTEST_ARGS)
 
 # The fast part only (tiny random models, seconds).
@@ -46,4 +49,4 @@ demo: setup
 	$(VENV)/bin/palate run examples/quickstart.yaml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build *.egg-info

@@ -23,8 +23,13 @@ def run_side(python: str, script: str, argv: list[str], side: str, setting: str)
     """Run ``script --child SIDE --setting SETTING ARGV`` with ``python``; its last stdout line
     is the result. Offline, no progress bars, no PYTHONPATH leaking palate into the other venv."""
     cmd = [python, script, "--child", side, "--setting", setting, *argv]
-    env = dict(os.environ, PALATE_PROGRESS="0", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH="")  # fmt: skip
+    env = dict(
+        os.environ,
+        PALATE_PROGRESS="0",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH="",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -60,9 +65,13 @@ def compare_sides(
     for r in results:
         for side in sides:
             x = r[side]
-            print(f"{r['setting']:<14} {side:<7} {x['precision']:<9} "
-                  f"{x[metric]:{width}.{digits}f} {x['peak_rss_mb']:12.0f}")  # fmt: skip
+            print(
+                f"{r['setting']:<14} {side:<7} {x['precision']:<9} "
+                f"{x[metric]:{width}.{digits}f} {x['peak_rss_mb']:12.0f}"
+            )
         if len(sides) == 2:
-            print(f"{r['setting']:<14} ratio palate/trl: {label} {r[f'{metric}_ratio']:.2f}x, "
-                  f"peak RSS {r['peak_rss_ratio']:.2f}x")  # fmt: skip
+            print(
+                f"{r['setting']:<14} ratio palate/trl: {label} {r[f'{metric}_ratio']:.2f}x, "
+                f"peak RSS {r['peak_rss_ratio']:.2f}x"
+            )
     return results

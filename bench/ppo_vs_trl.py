@@ -115,8 +115,13 @@ def run_trl(args: argparse.Namespace) -> dict:
     if best:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+        peft_config = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
     cfg = PPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-ppo-"),
         per_device_train_batch_size=args.batch_size,
@@ -139,9 +144,15 @@ def run_trl(args: argparse.Namespace) -> dict:
         seed=0,
     )
     trainer = PPOTrainer(
-        args=cfg, processing_class=tok, model=policy, ref_model=None, reward_model=rm,
-        train_dataset=ds, value_model=value, peft_config=peft_config,
-    )  # fmt: skip
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=None,
+        reward_model=rm,
+        train_dataset=ds,
+        value_model=value,
+        peft_config=peft_config,
+    )
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -188,11 +199,26 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 def child(python: str, args: argparse.Namespace, side: str, setting: str) -> dict:
-    argv = ["--model", args.model,
-            "--reward-model", args.reward_model, "--prompts", args.prompts,
-            "--updates", str(args.updates), "--batch-size", str(args.batch_size),
-            "--epochs", str(args.epochs), "--new-tokens", str(args.new_tokens),
-            "--max-prompt-length", str(args.max_prompt_length), "--lr", str(args.lr)]  # fmt: skip
+    argv = [
+        "--model",
+        args.model,
+        "--reward-model",
+        args.reward_model,
+        "--prompts",
+        args.prompts,
+        "--updates",
+        str(args.updates),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--max-prompt-length",
+        str(args.max_prompt_length),
+        "--lr",
+        str(args.lr),
+    ]
     if args.trl_bf16:
         argv.append("--trl-bf16")
     return run_side(python, __file__, argv, side, setting)
@@ -230,15 +256,24 @@ def main() -> None:
         )
     work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     prepare(args, work)
-    print(f"{args.batch_size} prompts (<= {args.max_prompt_length} tokens), batch "
-          f"{args.batch_size}, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
-          f"{args.updates} updates per side", file=sys.stderr)  # fmt: skip
+    print(
+        f"{args.batch_size} prompts (<= {args.max_prompt_length} tokens), batch "
+        f"{args.batch_size}, {args.new_tokens} new tokens, {args.epochs} PPO epochs, "
+        f"{args.updates} updates per side",
+        file=sys.stderr,
+    )
     results = compare_sides(
-        args.settings.split(","), sides,
-        lambda side, setting: child(sys.executable if side == "palate" else str(TRL_PY), args,
-                                    side, setting),
-        "episodes_per_s", "episodes/s", width=10, digits=3, echo=True,
-    )  # fmt: skip
+        args.settings.split(","),
+        sides,
+        lambda side, setting: child(
+            sys.executable if side == "palate" else str(TRL_PY), args, side, setting
+        ),
+        "episodes_per_s",
+        "episodes/s",
+        width=10,
+        digits=3,
+        echo=True,
+    )
     if args.json:
         print(json.dumps(results))
 

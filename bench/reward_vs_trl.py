@@ -57,10 +57,10 @@ def run_palate(args: argparse.Namespace) -> dict:
             "optim.warmup_ratio=0",
             f"train.max_steps={args.steps}",
             f"train.batch_size={args.batch_size}",
-            f"train.precision={'auto' if best else 'fp32'}",
+            f"precision={'auto' if best else 'fp32'}",
             f"train.group_by_length={'true' if best else 'false'}",
             f"train.forward_chunks={2 if best else 1}",
-            "train.checkpoint_every=100000",
+            "checkpoint_every=100000",
             "normalize=false",
         ],
     )
@@ -153,10 +153,22 @@ def prepare_data(model_dir: str, n: int, max_length: int, path: Path) -> int:
 
 
 def child(python: str, args: argparse.Namespace, side: str, setting: str) -> dict:
-    argv = ["--model", args.model,
-            "--data", args.data, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--max-length", str(args.max_length), "--lr", str(args.lr),
-            "--warmup", str(args.warmup)]  # fmt: skip
+    argv = [
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--warmup",
+        str(args.warmup),
+    ]
     return run_side(python, __file__, argv, side, setting)
 
 
@@ -194,14 +206,22 @@ def main() -> None:
     n_pairs = args.steps * args.batch_size
     got = prepare_data(args.model, n_pairs, args.max_length, data)
     args.data = str(data)
-    print(f"{got} pairs, batch {args.batch_size}, max_length {args.max_length}, "
-          f"{args.steps} steps (first {args.warmup} not timed)", file=sys.stderr)  # fmt: skip
+    print(
+        f"{got} pairs, batch {args.batch_size}, max_length {args.max_length}, "
+        f"{args.steps} steps (first {args.warmup} not timed)",
+        file=sys.stderr,
+    )
     results = compare_sides(
-        args.settings.split(","), ["palate", "trl"],
-        lambda side, setting: child(sys.executable if side == "palate" else str(TRL_PY), args,
-                                    side, setting),
-        "pairs_per_s", "pairs/s", width=8, digits=2,
-    )  # fmt: skip
+        args.settings.split(","),
+        ["palate", "trl"],
+        lambda side, setting: child(
+            sys.executable if side == "palate" else str(TRL_PY), args, side, setting
+        ),
+        "pairs_per_s",
+        "pairs/s",
+        width=8,
+        digits=2,
+    )
     if args.json:
         print(json.dumps(results))
 

@@ -26,6 +26,27 @@ from rich.table import Table
 
 from palate.config import Config, describe_config, load_config
 from palate.errors import PalateError
+from palate.generate import GenerateConfig, generate
+from palate.label.campaign import (
+    LabelCreateConfig,
+    LabelExportConfig,
+    LabelUserConfig,
+    add_label_user,
+    create_label_campaign,
+    export_label_campaign,
+)
+from palate.pipeline import STAGES as RUN_STAGES
+from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
+from palate.ppo import PPOConfig, ppo
+from palate.reward import (
+    RewardConfig,
+    RewardEvalConfig,
+    RewardScoreConfig,
+    evaluate_reward,
+    score_file,
+    train_reward,
+)
+from palate.sft import SFTConfig, sft
 
 app = typer.Typer(
     name="palate",
@@ -53,7 +74,7 @@ SetOpt = Annotated[
 ]
 
 # name -> (config class, library function); filled by `stage`.
-STAGES: dict[str, tuple[type[Config], Callable[[Any], dict[str, Any]]]] = {}
+COMMANDS: dict[str, tuple[type[Config], Callable[[Any], dict[str, Any]]]] = {}
 
 
 def emit(summary: dict[str, Any], as_json: bool, title: str = "summary") -> None:
@@ -78,7 +99,7 @@ def stage(
     """
 
     def register(fn: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
-        STAGES[name] = (config_cls, fn)
+        COMMANDS[name] = (config_cls, fn)
 
         def command(
             config: Annotated[
@@ -107,7 +128,7 @@ def models_list(as_json: JsonOpt = False) -> None:
     """Show the built-in model names and whether their packages are installed."""
     from palate.models import BUILTIN_MODELS
 
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": m.name,
             "kind": m.kind,
@@ -142,11 +163,13 @@ def data_validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Check every row of a data file; report counts and each bad row's line and field."""
-    from palate.data import validate_file
+    from palate.data import RecordKind, validate_file
 
-    if kind not in (None, "prompts", "demonstrations", "comparisons"):
+    record_kinds: tuple[RecordKind, ...] = ("prompts", "demonstrations", "comparisons")
+    expected = next((k for k in record_kinds if k == kind), None)
+    if kind is not None and expected is None:
         raise PalateError(f"--kind {kind!r}: expected prompts, demonstrations or comparisons")
-    report = validate_file(file, kind)  # type: ignore[arg-type]
+    report = validate_file(file, expected)
     for line in report.errors[:50]:
         err.print(f"[red]{line}[/red]", highlight=False, markup=True)
     if report.n_errors > 50:
@@ -169,10 +192,10 @@ def config_show(
     import yaml
 
     stage_name = stage_name.replace("-", " ").replace(".", " ")
-    if stage_name not in STAGES:
-        raise PalateError(f"unknown stage {stage_name!r}; stages: {', '.join(sorted(STAGES))}")
+    if stage_name not in COMMANDS:
+        raise PalateError(f"unknown stage {stage_name!r}; stages: {', '.join(sorted(COMMANDS))}")
     lines = [f"# palate {stage_name} CONFIG.yaml  (override any field with --set a.b=value)"]
-    for name, type_name, default, desc in describe_config(STAGES[stage_name][0]):
+    for name, type_name, default, desc in describe_config(COMMANDS[stage_name][0]):
         depth = name.count(".")
         key = name.rsplit(".", 1)[-1]
         if type_name == "section":
@@ -193,7 +216,6 @@ def config_show(
 
 # --------------------------------------------------------------------------- stages
 
-from palate.generate import GenerateConfig, generate  # noqa: E402
 
 stage(
     "generate",
@@ -202,23 +224,12 @@ stage(
 )(generate)
 
 
-from palate.sft import SFTConfig, sft  # noqa: E402
-
 stage(
     "sft",
     SFTConfig,
     "Supervised fine-tuning on demonstrations (loss on response tokens only; LoRA by default).",
 )(sft)
 
-
-from palate.reward import (  # noqa: E402
-    RewardConfig,
-    RewardEvalConfig,
-    RewardScoreConfig,
-    evaluate_reward,
-    score_file,
-    train_reward,
-)
 
 reward_app = typer.Typer(help="Step 3: reward model (train, eval, score).", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
@@ -242,23 +253,12 @@ stage(
 )(score_file)
 
 
-from palate.ppo import PPOConfig, ppo  # noqa: E402
-
 stage(
     "ppo",
     PPOConfig,
     "PPO against a reward model (or a Python reward function) with a KL penalty to the reference.",
 )(ppo)
 
-
-from palate.label.campaign import (  # noqa: E402
-    LabelCreateConfig,
-    LabelExportConfig,
-    LabelUserConfig,
-    add_label_user,
-    create_label_campaign,
-    export_label_campaign,
-)
 
 label_app = typer.Typer(
     help="Step 2: preference collection (campaigns, raters, export).", no_args_is_help=True
@@ -282,10 +282,6 @@ stage(
     "Add a rater or admin; prints their invite link path and API token (shown once).",
     label_app,
 )(add_label_user)
-
-
-from palate.pipeline import STAGES as RUN_STAGES  # noqa: E402
-from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline  # noqa: E402
 
 
 @app.command("run")
@@ -316,15 +312,17 @@ def run(
         raise typer.Exit(3) from None
     if not as_json and summary.get("gold_win_rate") is not None:
         lo, hi = summary["gold_win_rate_low"], summary["gold_win_rate_high"]
-        out.print(f"[bold]gold win rate: {summary['gold_win_rate']:.3f}[/bold] "
-                  f"(95% CI {lo:.3f}-{hi:.3f}, final vs initial policy, "
-                  f"{summary['prompts']} held-out prompts)")  # fmt: skip
+        out.print(
+            f"[bold]gold win rate: {summary['gold_win_rate']:.3f}[/bold] "
+            f"(95% CI {lo:.3f}-{hi:.3f}, final vs initial policy, "
+            f"{summary['prompts']} held-out prompts)"
+        )
     if not as_json:
         out.print(f"report: {summary['report']}")
     emit(summary, as_json, title="palate run")
 
 
-STAGES["run"] = (RunConfig, run_pipeline)
+COMMANDS["run"] = (RunConfig, run_pipeline)
 
 
 @app.command("serve")
@@ -344,8 +342,9 @@ def serve(
 
     from palate.label.app import create_app
 
-    application = create_app(db, secret_key=os.environ.get("PALATE_SECRET_KEY"),
-                             secure_cookies=secure_cookies)  # fmt: skip
+    application = create_app(
+        db, secret_key=os.environ.get("PALATE_SECRET_KEY"), secure_cookies=secure_cookies
+    )
     err.print(f"palate labeling app on http://{host}:{port}  (database: {db})")
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

@@ -145,7 +145,7 @@ def describe_config(
         elif field.is_required():
             value, has_default = None, False
         elif field.default_factory is not None:
-            value, has_default = field.default_factory(), True  # type: ignore[call-arg]
+            value, has_default = field.get_default(call_default_factory=True), True
         else:
             value, has_default = field.default, True
         if isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -157,6 +157,12 @@ def describe_config(
             type_name = " | ".join(str(a) for a in typing.get_args(ann))
         else:
             type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        rows.append((dotted, type_name, repr(value) if has_default else "(required)",
-                     field.description or ""))  # fmt: skip
+        rows.append(
+            (
+                dotted,
+                type_name,
+                repr(value) if has_default else "(required)",
+                field.description or "",
+            )
+        )
     return rows

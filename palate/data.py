@@ -140,7 +140,7 @@ class Comparison(_Record):
     _v = field_validator("prompt")(_check_prompt)
 
 
-_MODEL_FOR_KIND: dict[str, type[_Record]] = {
+_MODEL_FOR_KIND: dict[str, type[PromptRecord | Demonstration | Comparison]] = {
     "prompts": PromptRecord,
     "demonstrations": Demonstration,
     "comparisons": Comparison,
@@ -154,10 +154,11 @@ def as_messages(prompt: Prompt | list[dict[str, Any]]) -> list[dict[str, str]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return [
-        {"role": m["role"], "content": m["content"]} if isinstance(m, dict)
+        {"role": m["role"], "content": m["content"]}
+        if isinstance(m, dict)
         else {"role": m.role, "content": m.content}
         for m in prompt
-    ]  # fmt: skip
+    ]
 
 
 def prompt_text(prompt: Prompt | list[dict[str, Any]]) -> str:
@@ -170,7 +171,7 @@ def prompt_text(prompt: Prompt | list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- HH-RLHF transcripts
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
-_ROLE = {"Human": "user", "Assistant": "assistant"}
+_ROLE: dict[str, Literal["user", "assistant"]] = {"Human": "user", "Assistant": "assistant"}
 
 
 def prompt_json(prompt: Prompt) -> str | list[dict[str, Any]]:
@@ -188,8 +189,7 @@ def parse_hh_transcript(text: str) -> list[Message]:
     if len(parts) < 3:
         raise ValueError("no '\\n\\nHuman:' / '\\n\\nAssistant:' turns found")
     return [
-        Message(role=_ROLE[parts[i]], content=parts[i + 1].strip())  # type: ignore[arg-type]
-        for i in range(1, len(parts), 2)
+        Message(role=_ROLE[parts[i]], content=parts[i + 1].strip()) for i in range(1, len(parts), 2)
     ]
 
 
@@ -307,7 +307,7 @@ def _row_to_record(row: Any, natural: str, fmt: str, kind: str) -> tuple[_Record
     # Projections: any record can serve as a prompt; a comparison's chosen reply can serve as a
     # demonstration (e.g. SFT on the preferred HH responses).
     if kind == "prompts":
-        return PromptRecord(prompt=rec.prompt, id=rec.id, metadata=rec.metadata), warnings  # type: ignore[attr-defined]
+        return PromptRecord(prompt=rec.prompt, id=rec.id, metadata=rec.metadata), warnings
     if kind == "demonstrations" and isinstance(rec, Comparison):
         if not rec.chosen.strip():  # a valid comparison, but no demonstration: skip, counted
             return None, [*warnings, "skipped_empty_chosen"]
@@ -417,8 +417,10 @@ def split_heldout(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[: int(round(fraction * n))])
     is_held = [first[k] in held for k in keys]
-    return ([x for x, h in zip(items, is_held, strict=True) if not h],
-            [x for x, h in zip(items, is_held, strict=True) if h])  # fmt: skip
+    return (
+        [x for x, h in zip(items, is_held, strict=True) if not h],
+        [x for x, h in zip(items, is_held, strict=True) if h],
+    )
 
 
 # --------------------------------------------------------------------------- writing

@@ -12,8 +12,10 @@ checkpoint against it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,24 +23,34 @@ import torch
 
 from palate.data import Prompt
 from palate.formatting import pad_batch, prompt_ids
-from palate.generation import SamplingConfig, generate_responses
+from palate.lm import policy_forward
+from palate.models import load_model
+from palate.reward.model import ScoreFn
+from palate.sampling import SamplingConfig, generate_responses, inference_model
+from palate.training import autocast
 
 __all__ = [
     "PolicySamples",
     "ScoredSamples",
+    "checkpoint_policy",
     "compare",
-    "compare_policies",
     "evaluate_policy",
+    "load_sampler",
+    "rollout_curve",
     "sample_policy",
     "sequence_kl",
     "win_rate",
 ]
 
-ScoreFn = Callable[[Sequence[Prompt], Sequence[str]], Any]
 
-
-def win_rate(new: Sequence[float], old: Sequence[float], *, confidence: float = 0.95,
-             resamples: int = 2000, seed: int = 0) -> dict[str, float]:  # fmt: skip
+def win_rate(
+    new: Sequence[float],
+    old: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
     """Fraction of prompts where ``new`` scores above ``old`` (ties count half), with a
     percentile-bootstrap interval over prompts (scipy)."""
     from scipy.stats import bootstrap
@@ -50,8 +62,14 @@ def win_rate(new: Sequence[float], old: Sequence[float], *, confidence: float = 
     rate = float(wins.mean())
     if wins.size < 2 or np.all(wins == wins[0]):
         return {"win_rate": rate, "low": rate, "high": rate, "n": int(wins.size)}
-    res = bootstrap((wins,), np.mean, confidence_level=confidence, n_resamples=resamples,
-                    method="percentile", random_state=np.random.default_rng(seed))  # fmt: skip
+    res = bootstrap(
+        (wins,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
     ci = res.confidence_interval
     return {"win_rate": rate, "low": float(ci.low), "high": float(ci.high), "n": int(wins.size)}
 
@@ -68,41 +86,63 @@ class PolicySamples:
         return [len(t) for t in self.token_ids]
 
 
-def sample_policy(model: Any, tok: Any, prompts: Sequence[Prompt], sampling: SamplingConfig,
-                  *, seed: int = 0, batch_size: int = 8, precision: str = "fp32",
-                  on_batch: Callable[[int], None] | None = None) -> PolicySamples:  # fmt: skip
+def sample_policy(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    precision: str = "fp32",
+    on_batch: Callable[[int], None] | None = None,
+) -> PolicySamples:
     """One response per prompt (seeded, so two policies see the same random stream)."""
     torch.manual_seed(seed)
-    gens = generate_responses(model, tok, prompts, sampling, batch_size=batch_size,
-                              precision=precision, on_batch=on_batch)  # fmt: skip
-    return PolicySamples(list(prompts), [g.text for g in gens], [g.finished for g in gens],
-                         [list(g.token_ids) for g in gens])  # fmt: skip
+    gens = generate_responses(
+        model, tok, prompts, sampling, batch_size=batch_size, precision=precision, on_batch=on_batch
+    )
+    return PolicySamples(
+        list(prompts),
+        [g.text for g in gens],
+        [g.finished for g in gens],
+        [list(g.token_ids) for g in gens],
+    )
 
 
 @torch.no_grad()
-def sequence_kl(policy: Any, reference: Any, tok: Any, prompts: Sequence[Prompt],
-                responses: Sequence[Sequence[int]], *, temperature: float = 1.0,
-                batch_size: int = 8, precision: str = "fp32") -> list[float]:  # fmt: skip
+def sequence_kl(
+    policy: Any,
+    reference: Any,
+    tok: Any,
+    prompts: Sequence[Prompt],
+    responses: Sequence[Sequence[int]],
+    *,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    precision: str = "fp32",
+) -> list[float]:
     """Per-response KL estimate Σ_t (log π(y_t) − log π_ref(y_t)) on the policy's own sampled
     tokens (k1, the estimator PPO's penalty uses, logits divided by the sampling temperature);
     its mean estimates KL(π ‖ π_ref). Token ids, not decoded text: re-tokenising text is not
     faithful (special tokens, merges)."""
-    from palate.ppo import policy_forward
-    from palate.training import autocast
-
     device = next(policy.parameters()).device
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        ps, rs = prompts[start : start + batch_size], responses[start : start + batch_size]
-        q, qm = pad_batch([prompt_ids(tok, p) for p in ps], tok.pad_token_id)
-        r, rm = pad_batch([list(x) or [tok.eos_token_id] for x in rs], tok.pad_token_id, "right")
-        ids, mask, tq = torch.cat([q, r], 1), torch.cat([qm, rm], 1), q.shape[1]
-        ids, mask = ids.to(device), mask.to(device)
+        batch_prompts = prompts[start : start + batch_size]
+        batch_responses = responses[start : start + batch_size]
+        query, query_mask = pad_batch([prompt_ids(tok, p) for p in batch_prompts], tok.pad_token_id)
+        response, response_mask = pad_batch(
+            [list(x) or [tok.eos_token_id] for x in batch_responses], tok.pad_token_id, "right"
+        )
+        width = query.shape[1]
+        ids = torch.cat([query, response], 1).to(device)
+        mask = torch.cat([query_mask, response_mask], 1).to(device)
         with autocast(device, precision):
-            lp, _, _ = policy_forward(policy, None, ids, mask, tq, temperature)
-            lr, _, _ = policy_forward(reference, None, ids, mask, tq, temperature)
-        m = mask[:, tq:].float()
-        out.extend(((lp - lr) * m).sum(1).cpu().tolist())
+            logp, _, _ = policy_forward(policy, None, ids, mask, width, temperature)
+            ref_logp, _, _ = policy_forward(reference, None, ids, mask, width, temperature)
+        real = mask[:, width:].float()
+        out.extend(((logp - ref_logp) * real).sum(1).cpu().tolist())
     return out
 
 
@@ -141,17 +181,32 @@ def evaluate_policy(
 ) -> ScoredSamples:
     """Sample ``model`` once per prompt and score the responses (gold, proxy, KL to
     ``reference`` when given)."""
-    s = sample_policy(model, tok, prompts, sampling, seed=seed, batch_size=batch_size,
-                      precision=precision, on_batch=on_batch)  # fmt: skip
+    s = sample_policy(
+        model,
+        tok,
+        prompts,
+        sampling,
+        seed=seed,
+        batch_size=batch_size,
+        precision=precision,
+        on_batch=on_batch,
+    )
     out = ScoredSamples(s)
     if gold is not None:
         out.gold = [float(x) for x in gold(s.prompts, s.responses)]
     if proxy is not None:
         out.proxy = [float(x) for x in proxy(s.prompts, s.responses)]
     if reference is not None:
-        out.kl = sequence_kl(model, reference, tok, s.prompts, s.token_ids,
-                             temperature=sampling.temperature or 1.0, batch_size=batch_size,
-                             precision=precision)  # fmt: skip
+        out.kl = sequence_kl(
+            model,
+            reference,
+            tok,
+            s.prompts,
+            s.token_ids,
+            temperature=sampling.temperature or 1.0,
+            batch_size=batch_size,
+            precision=precision,
+        )
     return out
 
 
@@ -170,9 +225,15 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
         if a is None or b is None:
             continue
         wr = win_rate(a, b, seed=seed)
-        out.update({f"{name}_win_rate": wr["win_rate"], f"{name}_win_rate_low": wr["low"],
-                    f"{name}_win_rate_high": wr["high"], f"{name}_new": float(np.mean(a)),
-                    f"{name}_old": float(np.mean(b))})  # fmt: skip
+        out.update(
+            {
+                f"{name}_win_rate": wr["win_rate"],
+                f"{name}_win_rate_low": wr["low"],
+                f"{name}_win_rate_high": wr["high"],
+                f"{name}_new": float(np.mean(a)),
+                f"{name}_old": float(np.mean(b)),
+            }
+        )
     if None not in (new.gold, old.gold, new.proxy, old.proxy):
         dg = np.asarray(new.gold) - np.asarray(old.gold)
         dp = np.asarray(new.proxy) - np.asarray(old.proxy)
@@ -183,8 +244,11 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
         )
     samples = []
     for i, p in enumerate(new.samples.prompts):
-        row: dict[str, Any] = {"prompt": p, "new": new.samples.responses[i],
-                               "old": old.samples.responses[i]}  # fmt: skip
+        row: dict[str, Any] = {
+            "prompt": p,
+            "new": new.samples.responses[i],
+            "old": old.samples.responses[i],
+        }
         for name in ("gold", "proxy"):
             for side, sc in (("new", new), ("old", old)):
                 v = getattr(sc, name)
@@ -195,23 +259,43 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
     return out
 
 
-def compare_policies(
-    new: tuple[Any, Any],
-    old: tuple[Any, Any],
-    prompts: Sequence[Prompt],
-    sampling: SamplingConfig,
-    *,
-    gold: ScoreFn | None = None,
-    proxy: ScoreFn | None = None,
-    seed: int = 0,
-    precision: str = "fp32",
-) -> dict[str, Any]:
-    """Sample both policies on ``prompts`` (same seed) and :func:`compare` them; KL of the new
-    policy to the old one."""
-    (m_new, tok), (m_old, _) = new, old
-    kw: dict[str, Any] = {"gold": gold, "proxy": proxy, "seed": seed, "precision": precision}
-    return compare(
-        evaluate_policy(m_new, tok, prompts, sampling, reference=m_old, **kw),
-        evaluate_policy(m_old, tok, prompts, sampling, **kw),
-        seed=seed,
-    )
+# --------------------------------------------------------------------------- loading policies
+
+
+def load_sampler(spec: str, precision: str) -> tuple[Any, Any]:
+    """(model, tokenizer) frozen for sampling (bf16 weights under bf16)."""
+    model, tok = load_model(spec)
+    return inference_model(model, precision), tok
+
+
+def checkpoint_policy(path: Path, base_spec: str, precision: str) -> Any:
+    """A PPO checkpoint's policy (``path/policy``: a LoRA adapter over ``base_spec`` or a full
+    model), merged and frozen for sampling."""
+    policy = path / "policy"
+    if (policy / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, _ = load_model(base_spec)
+        model = PeftModel.from_pretrained(base, str(policy)).merge_and_unload()
+    else:
+        model, _ = load_model(str(policy))
+    return inference_model(model, precision)
+
+
+def rollout_curve(samples_dir: Path, gold: ScoreFn) -> list[dict[str, Any]]:
+    """Gold vs proxy on PPO's own rollouts (``RUN/ppo/samples/update-N.jsonl``, each row with
+    the reward model's ``score``), one point per logged update."""
+    points = []
+    for f in sorted(samples_dir.glob("update-*.jsonl")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        g = [float(x) for x in gold([r["prompt"] for r in rows], [r["response"] for r in rows])]
+        points.append(
+            {
+                "update": int(f.stem.split("-")[1]),
+                "gold": sum(g) / len(g),
+                "proxy": sum(r["score"] for r in rows) / len(rows),
+            }
+        )
+    return points

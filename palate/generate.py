@@ -15,10 +15,10 @@ from pydantic import Field
 
 from palate.config import Config
 from palate.data import Demonstration, read_records, write_jsonl
-from palate.generation import SamplingConfig, generate_responses
 from palate.models import load_model
 from palate.progress import progress_bar
 from palate.rundir import RunDir
+from palate.sampling import SamplingConfig, generate_responses
 
 __all__ = ["GenerateConfig", "generate"]
 

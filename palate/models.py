@@ -191,7 +191,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
             raise ModelLoadError(
                 f"{gguf}: loading GGUF needs `gguf`. Fix: pip install gguf"
             ) from err
-        except Exception as err:  # noqa: BLE001 - any parse failure is a bad file for the user
+        except Exception as err:  # any parse failure is a bad file for the user
             raise ModelLoadError(f"{gguf}: cannot read this GGUF file: {err}") from err
         # The GGUF-loaded object refuses save_pretrained; rebuild a plain model from its config.
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -52,7 +52,7 @@ def enabled() -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, total: float | None, completed: float = 0) -> Iterator[_Bar]:
+def progress_bar(description: str, total: float | None, completed: int = 0) -> Iterator[_Bar]:
     """``with progress_bar("sft", total=steps) as bar: bar.advance(loss=0.3)``."""
     if not enabled():
         yield _Bar(None, None)

@@ -37,9 +37,11 @@ def _png(fig: Any) -> str:
 
 
 def _img(plot_id: str, fig: Any) -> str:
-    return (f'<figure id="{plot_id}"><img alt="{html.escape(PLOTS[plot_id])}" '
-            f'src="data:image/png;base64,{_png(fig)}"><figcaption>{html.escape(PLOTS[plot_id])}'
-            "</figcaption></figure>")  # fmt: skip
+    return (
+        f'<figure id="{plot_id}"><img alt="{html.escape(PLOTS[plot_id])}" '
+        f'src="data:image/png;base64,{_png(fig)}"><figcaption>{html.escape(PLOTS[plot_id])}'
+        "</figcaption></figure>"
+    )
 
 
 def _missing(plot_id: str, why: str) -> str:
@@ -54,9 +56,13 @@ def _curves(metrics: Sequence[dict[str, Any]]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("objective/score", "score (RM)"), ("objective/kl", "KL to reference (nats)"),
-            ("objective/kl_coef", "β"), ("objective/entropy", "entropy"),
-            ("response/length", "response length (tokens)")]  # fmt: skip
+    keys = [
+        ("objective/score", "score (RM)"),
+        ("objective/kl", "KL to reference (nats)"),
+        ("objective/kl_coef", "β"),
+        ("objective/entropy", "entropy"),
+        ("response/length", "response length (tokens)"),
+    ]
     if not metrics:
         return _missing("training-curves", "no PPO metrics")
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
@@ -80,13 +86,19 @@ def _gold_vs_proxy(points: Sequence[dict[str, Any]], rollouts: Sequence[dict[str
     for ax, (pts, title) in zip(axes[0], panels, strict=True):
         by_kl = all("kl" in p for p in pts)
         x = [p["kl"] if by_kl else p["update"] for p in pts]
-        ax.plot(x, [p["gold"] for p in pts], marker="o", color="#2a9d8f",
-                label="gold (never seen by the RM)")  # fmt: skip
+        ax.plot(
+            x,
+            [p["gold"] for p in pts],
+            marker="o",
+            color="#2a9d8f",
+            label="gold (never seen by the RM)",
+        )
         ax.set_xlabel("KL to the initial policy (nats)" if by_kl else "PPO update")
         ax.set_ylabel("mean gold score", color="#2a9d8f")
         right = ax.twinx()
-        right.plot(x, [p["proxy"] for p in pts], marker="s", color="#e76f51",
-                   label="proxy (reward model)")  # fmt: skip
+        right.plot(
+            x, [p["proxy"] for p in pts], marker="s", color="#e76f51", label="proxy (reward model)"
+        )
         right.set_ylabel("mean reward-model score", color="#e76f51")
         lines = ax.get_lines() + right.get_lines()
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="best")
@@ -125,19 +137,25 @@ def _table(rows: Sequence[tuple[str, Any]]) -> str:
 
 def _win_table(s: dict[str, Any]) -> str:
     """Gold and proxy win rates of the final policy over the initial one, with means."""
-    head = ("<tr><th></th><th>win rate (final vs initial)</th><th>95% interval</th>"
-            "<th>mean final</th><th>mean initial</th></tr>")  # fmt: skip
+    head = (
+        "<tr><th></th><th>win rate (final vs initial)</th><th>95% interval</th>"
+        "<th>mean final</th><th>mean initial</th></tr>"
+    )
     rows = []
     for name, label in (("gold", "gold preference"), ("proxy", "reward model (proxy)")):
         if f"{name}_win_rate" not in s:
             continue
         ci = f"[{_fmt(s.get(f'{name}_win_rate_low'))}, {_fmt(s.get(f'{name}_win_rate_high'))}]"
-        rows.append(f"<tr><th>{label}</th><td><b>{_fmt(s[f'{name}_win_rate'])}</b></td>"
-                    f"<td>{ci}</td><td>{_fmt(s.get(f'{name}_new'))}</td>"
-                    f"<td>{_fmt(s.get(f'{name}_old'))}</td></tr>")  # fmt: skip
+        rows.append(
+            f"<tr><th>{label}</th><td><b>{_fmt(s[f'{name}_win_rate'])}</b></td>"
+            f"<td>{ci}</td><td>{_fmt(s.get(f'{name}_new'))}</td>"
+            f"<td>{_fmt(s.get(f'{name}_old'))}</td></tr>"
+        )
     if "length_new" in s:
-        rows.append(f"<tr><th>response length (tokens)</th><td></td><td></td>"
-                    f"<td>{_fmt(s['length_new'])}</td><td>{_fmt(s.get('length_old'))}</td></tr>")  # fmt: skip
+        rows.append(
+            f"<tr><th>response length (tokens)</th><td></td><td></td>"
+            f"<td>{_fmt(s['length_new'])}</td><td>{_fmt(s.get('length_old'))}</td></tr>"
+        )
     if not rows:
         return '<p class="muted">no evaluation</p>'
     extra = []
@@ -147,8 +165,9 @@ def _win_table(s: dict[str, Any]) -> str:
         if target is not None:
             extra.append(("KL target (adaptive controller)", float(target)))
     if s.get("proxy_gold_agreement") is not None:
-        extra.append(("reward model orders final vs initial as the gold does",
-                      s["proxy_gold_agreement"]))  # fmt: skip
+        extra.append(
+            ("reward model orders final vs initial as the gold does", s["proxy_gold_agreement"])
+        )
     if "prompts" in s:
         extra.append(("held-out prompts", s["prompts"]))
     return f'<table class="wins">{head}{"".join(rows)}</table>' + _table(extra)
@@ -160,13 +179,18 @@ def _samples(samples: Sequence[dict[str, Any]], limit: int = 8) -> str:
         ptxt = "\n".join(m["content"] for m in as_messages(s.get("prompt") or []))
         cells = []
         for side in ("old", "new"):
-            scores = " · ".join(f"{k} {s[f'{k}_{side}']:.2f}" for k in ("gold", "proxy")
-                                if f"{k}_{side}" in s)  # fmt: skip
+            scores = " · ".join(
+                f"{k} {s[f'{k}_{side}']:.2f}" for k in ("gold", "proxy") if f"{k}_{side}" in s
+            )
             name = "initial" if side == "old" else "final"
-            cells.append(f'<td><div class="who">{name} {html.escape(scores)}</div>'
-                         f'<pre>{html.escape(str(s.get(side, "")))}</pre></td>')  # fmt: skip
-        out.append(f'<tr><td colspan="2" class="prompt"><pre>{html.escape(ptxt)}</pre></td></tr>'
-                   f"<tr>{''.join(cells)}</tr>")  # fmt: skip
+            cells.append(
+                f'<td><div class="who">{name} {html.escape(scores)}</div>'
+                f"<pre>{html.escape(str(s.get(side, '')))}</pre></td>"
+            )
+        out.append(
+            f'<tr><td colspan="2" class="prompt"><pre>{html.escape(ptxt)}</pre></td></tr>'
+            f"<tr>{''.join(cells)}</tr>"
+        )
     if not out:
         return '<p class="muted">no samples</p>'
     return f'<table class="samples">{"".join(out)}</table>'
@@ -209,17 +233,22 @@ def build_report(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
         f'<p class="muted">{html.escape(notes)}</p>' if notes else "",
-        "<h2>Result: final vs initial policy on held-out prompts</h2>", _win_table(summary),
-        "<h2>Training</h2>", _curves(ppo_metrics),
+        "<h2>Result: final vs initial policy on held-out prompts</h2>",
+        _win_table(summary),
+        "<h2>Training</h2>",
+        _curves(ppo_metrics),
         "<h2>Over-optimisation: gold vs proxy</h2>",
         '<p class="muted">The reward model is a proxy for the gold preference. Proxy rising while '
         "gold falls is reward hacking.</p>",
         _gold_vs_proxy(checkpoints, rollouts),
-        "<h2>Lengths</h2>", _lengths(lengths_initial, lengths_final),
-        "<h2>Samples (same prompt, same random seed)</h2>", _samples(samples),
-        "<h2>Stages</h2>", _stages(stages or {}),
+        "<h2>Lengths</h2>",
+        _lengths(lengths_initial, lengths_final),
+        "<h2>Samples (same prompt, same random seed)</h2>",
+        _samples(samples),
+        "<h2>Stages</h2>",
+        _stages(stages or {}),
         "</body></html>",
-    ]  # fmt: skip
+    ]
     path = Path(path)
     with atomic_write(path) as fh:
         fh.write("\n".join(parts))

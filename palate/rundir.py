@@ -130,9 +130,14 @@ class RunDir:
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}"
 
-    def latest_checkpoint(self) -> Path | None:
-        """The newest *complete* checkpoint (one with a ``state.json`` marker written last)."""
+    def complete_checkpoints(self) -> list[Path]:
+        """The *complete* checkpoints (those with the ``state.json`` marker, written last),
+        oldest first."""
         if not self.checkpoints.is_dir():
-            return None
-        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "state.json").is_file())
+            return []
+        return sorted(p for p in self.checkpoints.glob("step-*") if (p / "state.json").is_file())
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint, if any."""
+        done = self.complete_checkpoints()
         return done[-1] if done else None

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
 
 from palate.config import Config
 from palate.data import Prompt, as_messages
+from palate.reward.model import ScoreFn
 
 __all__ = [
     "GoldConfig",
@@ -34,13 +35,37 @@ __all__ = [
     "label_with_panel",
 ]
 
-ScoreFn = Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]]
 
 _WORD = re.compile(r"[A-Za-z']+")
 _STOP = {
-    "the", "a", "an", "and", "or", "of", "to", "in", "is", "are", "it", "you", "i", "me", "my",
-    "your", "for", "on", "with", "that", "this", "be", "can", "do", "what", "how", "please",
-}  # fmt: skip
+    "the",
+    "a",
+    "an",
+    "and",
+    "or",
+    "of",
+    "to",
+    "in",
+    "is",
+    "are",
+    "it",
+    "you",
+    "i",
+    "me",
+    "my",
+    "your",
+    "for",
+    "on",
+    "with",
+    "that",
+    "this",
+    "be",
+    "can",
+    "do",
+    "what",
+    "how",
+    "please",
+}
 _REFUSAL = re.compile(r"\b(i can(no|')?t|i'm sorry|i am sorry|as an ai|i won't|unable to)\b", re.I)
 
 
@@ -163,9 +188,9 @@ class GoldConfig(Config):
 def gold_scorer(gold: GoldConfig | GoldRubric | None = None) -> ScoreFn:
     """A batched ``score(prompts, responses) -> list[float]`` for the gold preference."""
     if isinstance(gold, GoldConfig) and gold.reward_model:
-        from palate.reward import RewardModel
+        from palate.reward import load_reward_model
 
-        rm = RewardModel.load(gold.reward_model)
+        rm = load_reward_model(gold.reward_model)
 
         def rm_score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
             return [float(x) for x in rm.score(list(prompts), list(responses))]
@@ -179,8 +204,9 @@ def gold_scorer(gold: GoldConfig | GoldRubric | None = None) -> ScoreFn:
     return score
 
 
-def choose(g_a: float, g_b: float, len_diff: float, bias: float, cfg: PanelConfig,
-           rng: random.Random) -> str:  # fmt: skip
+def choose(
+    g_a: float, g_b: float, len_diff: float, bias: float, cfg: PanelConfig, rng: random.Random
+) -> str:
     """One simulated rater's answer for scores g_a, g_b (``a``, ``b`` or ``tie``)."""
     if cfg.tie_band and abs(g_a - g_b) < cfg.tie_band:
         return "tie"
@@ -235,13 +261,3 @@ def label_with_panel(
                 submit_label(db, a, user, LabelIn(answer=flip(ans, a.swapped)))
                 n += 1
     return {"campaign": campaign, "labels": n, "raters": cfg.raters}
-
-
-def gold_win_rate(prompts: Sequence[Prompt], new: Sequence[str], old: Sequence[str],
-                  rubric: GoldRubric | None = None) -> float:  # fmt: skip
-    """Fraction of prompts where ``new`` beats ``old`` under the gold score (ties count half)."""
-    wins = 0.0
-    for p, x, y in zip(prompts, new, old, strict=True):
-        gx, gy = gold_score(p, x, rubric), gold_score(p, y, rubric)
-        wins += 1.0 if gx > gy else 0.5 if gx == gy else 0.0
-    return wins / max(1, len(prompts))

@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -26,21 +26,30 @@ from pydantic import Field
 
 from palate.config import Config
 from palate.errors import ConfigError
-from palate.progress import progress_bar
+from palate.progress import console, progress_bar
+from palate.rundir import MetricsLogger, RunDir
 
 __all__ = [
     "LoraSettings",
     "OptimSettings",
+    "StageConfig",
+    "StageSettings",
+    "Tracker",
+    "TrainSettings",
     "autocast",
+    "begin_stage",
     "bf16_supported",
-    "store_frozen_linears",
     "build_optimizer",
     "disable_dropout",
     "make_accelerator",
     "resolve_precision",
     "restore_rng",
+    "resume_training",
     "rng_state",
+    "run_steps",
     "seed_everything",
+    "StepTrainer",
+    "store_frozen_linears",
 ]
 
 
@@ -48,7 +57,7 @@ class LoraSettings(Config):
     """LoRA adapters (peft). Used when ``finetune: lora``."""
 
     r: int = Field(16, ge=1, description="Adapter rank.")
-    alpha: float = Field(32.0, gt=0, description="Scaling numerator (effective scale alpha/r).")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (effective scale alpha/r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: str | list[str] = Field(
         "all-linear",
@@ -71,6 +80,44 @@ class OptimSettings(Config):
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm to this (null = no clipping)."
     )
+
+
+# Experiment trackers accelerate can log to.
+Tracker = Literal[
+    "none",
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "mlflow",
+    "comet_ml",
+    "aim",
+    "clearml",
+    "dvclive",
+    "swanlab",
+]
+
+
+class StageSettings(Config):
+    """What every training stage (SFT, reward model, PPO) has, under the same names."""
+
+    seed: int = Field(
+        0, description="Seed for the data split and order, initialisation and sampling."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16 autocast where the hardware supports it (auto), or force one."
+    )
+    checkpoint_every: int = Field(
+        50, ge=1, description="Save a resumable checkpoint every N optimiser steps."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    resume: bool = Field(True, description="Continue from the newest checkpoint in output_dir.")
+    tracker: Tracker = Field("none", description="Experiment tracker (via accelerate).")
+
+
+class StageConfig(StageSettings):
+    """A training stage's config: its settings plus the run directory it writes."""
+
+    output_dir: str = Field(description="Run directory.")
 
 
 # --------------------------------------------------------------------------- precision
@@ -139,7 +186,7 @@ def freeze_bottom(model: torch.nn.Module, n_layers: int) -> int:
     preference sets, less forgetting of what pre-training learned."""
     if n_layers <= 0:
         return 0
-    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    base: Any = getattr(model, getattr(model, "base_model_prefix", ""), model)
     layers = None
     for module in base.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == getattr(
@@ -277,17 +324,16 @@ def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, blob
 
 
-def prune_checkpoints(checkpoints: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints."""
-    done = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
-    for old in done[:-keep] if keep > 0 else []:
+def prune_checkpoints(run: RunDir, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints of ``run``."""
+    for old in run.complete_checkpoints()[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- accelerate
 
 
-def make_accelerator(tracker: str, project_dir: str | Path) -> Any:
+def make_accelerator(tracker: Tracker, project_dir: str | Path) -> Any:
     """An ``accelerate.Accelerator`` (devices, processes) with an optional experiment tracker.
 
     Mixed precision is handled by :func:`autocast`, not by accelerate, so bf16 on CPU works the
@@ -295,7 +341,7 @@ def make_accelerator(tracker: str, project_dir: str | Path) -> Any:
     """
     from accelerate import Accelerator
 
-    log_with = None if tracker in ("none", "", None) else tracker
+    log_with = None if tracker == "none" else tracker
     return Accelerator(log_with=log_with, project_dir=str(project_dir))
 
 
@@ -316,9 +362,9 @@ def flat_hparams(cfg: Config) -> dict[str, int | float | str | bool]:
     return out
 
 
-def start_trackers(accelerator: Any, tracker: str, project: str, cfg: Config) -> None:
+def start_trackers(accelerator: Any, tracker: Tracker, project: str, cfg: Config) -> None:
     """Start the experiment tracker (if any) with the config as hyper-parameters."""
-    if tracker not in ("none", "", None):
+    if tracker != "none":
         accelerator.init_trackers(project, config=flat_hparams(cfg))
 
 
@@ -336,7 +382,7 @@ def maybe_no_sync(accelerator: Any, model: Any, sync: bool) -> Iterator[None]:
 
 
 class TrainSettings(Config):
-    """Batching, schedule and checkpointing (shared by the training stages)."""
+    """Batching and schedule (shared by the step-based training stages: SFT, reward model)."""
 
     epochs: int = Field(1, ge=1, description="Passes over the training data.")
     max_steps: int | None = Field(
@@ -344,13 +390,6 @@ class TrainSettings(Config):
     )
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch (per process).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="bf16 autocast where the hardware supports it (auto), or force one."
-    )
-    checkpoint_every: int = Field(
-        50, ge=1, description="Save a resumable checkpoint every N optimiser steps."
-    )
-    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Write a metrics row every N steps.")
 
 
@@ -395,6 +434,7 @@ def run_steps(
     scheduler: Any,
     params: list[torch.nn.Parameter],
     settings: TrainSettings,
+    checkpoint_every: int,
     max_grad_norm: float | None,
     order: Callable[[int], list[int]],
     n_examples: int,
@@ -414,7 +454,8 @@ def run_steps(
     the *summed* loss and summed statistics; the loss is normalised by the number of loss units
     (``units``: tokens for SFT, pairs for the reward model) in the whole step on all processes,
     so accumulation and process count do not change the update. ``after_step`` adds metrics
-    (evaluation at epoch ends); ``checkpoint`` saves state. Ctrl-C saves a checkpoint first.
+    (evaluation at epoch ends); ``checkpoint`` saves state every ``checkpoint_every`` steps, at
+    the end and when stopped. Ctrl-C saves a checkpoint first.
     """
     world = acc.num_processes
     per_step = settings.batch_size * settings.grad_accum * world
@@ -472,7 +513,7 @@ def run_steps(
                     metrics.log(step, row)
                 bar.update(step, loss=row["train/loss"])
                 stopped = stop_after is not None and stop_after <= step < total
-                if step % settings.checkpoint_every == 0 or step == total or stopped:
+                if step % checkpoint_every == 0 or step == total or stopped:
                     checkpoint(step)
                 if stopped:
                     break
@@ -491,49 +532,154 @@ def total_steps(settings: TrainSettings, n_examples: int, world: int) -> int:
 def resume_training(
     *,
     acc: Any,
-    run: Any,
+    run: RunDir,
     ckpt: Path | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     total: int,
-    tracker: str,
+    cfg: StageConfig,
     project: str,
-    cfg: Config,
-) -> tuple[int, Any]:
-    """Restore optimiser/scheduler/RNG from ``ckpt`` (if any) and open the metrics log.
+    restore: Callable[[Path, dict[str, Any]], None] | None = None,
+    unit: str = "step",
+) -> tuple[int, MetricsLogger]:
+    """Restore a checkpoint (if any) and open the metrics log and tracker.
 
-    Returns (the step to start from, a :class:`palate.rundir.MetricsLogger`).
+    From ``ckpt``: the optimiser, scheduler and RNG state, plus whatever the stage keeps
+    beyond them (``restore(ckpt, trainer_blob)``: PPO's weights, KL controller, ...). Returns
+    (the step to start from, a :class:`palate.rundir.MetricsLogger` that dropped the rows the
+    interrupted run wrote after ``ckpt``).
     """
-    from palate.progress import console
-    from palate.rundir import MetricsLogger
-
     step = 0
     if ckpt is not None:
         state, blob = load_training_state(ckpt)
+        if restore is not None:
+            restore(ckpt, blob)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         restore_rng(blob["rng"])
         step = state["step"]
         if acc.is_main_process:
-            console.print(f"resuming from {ckpt} (step {step}/{total})")
+            console.print(f"resuming from {ckpt} ({unit} {step}/{total})")
     metrics = MetricsLogger(
         run.metrics_path,
         resume_step=step if ckpt is not None else None,
-        accelerator=acc if tracker != "none" else None,
+        accelerator=acc if cfg.tracker != "none" else None,
     )
-    start_trackers(acc, tracker, project, cfg)
+    start_trackers(acc, cfg.tracker, project, cfg)
     return step, metrics
 
 
-def begin_stage(cfg: Any, precision: str) -> tuple[Any, Any, torch.device, str]:
-    """Accelerator, run directory (config written by the main process), device and precision
-    for a training stage whose config has ``output_dir``, ``tracker`` and ``seed``."""
-    from palate.rundir import RunDir
+StageConfigT = TypeVar("StageConfigT", bound=StageConfig)
 
+
+class StepTrainer(Generic[StageConfigT]):
+    """What the step-based trainers (SFT, reward model) share: the stage set-up, optimiser and
+    resume (:meth:`prepare`), the step loop (:meth:`optimise`, :func:`run_steps`) and
+    checkpoints.
+
+    A subclass sets ``stage`` and gives the data and the maths: ``batches(epoch)`` (the epoch's
+    order of examples), ``units(micro_batch)`` (what the loss is averaged over: tokens, pairs),
+    ``loss(micro_batch)`` (the summed loss and statistics), ``after_step`` (the step's metrics;
+    evaluation at epoch ends) and ``save_weights(path)``.
+    """
+
+    stage: ClassVar[str]  # "sft", "reward": progress bar, tracker project, checkpoint state
+
+    def __init__(self, cfg: StageConfigT, train: TrainSettings, optim: OptimSettings):
+        self.cfg = cfg
+        self.train_settings, self.optim = train, optim
+        self.acc, self.run, self.device, self.precision = begin_stage(cfg)
+        self.ckpt = self.run.latest_checkpoint() if cfg.resume else None
+
+    def prepare(self, model: Any, n_examples: int) -> Any:
+        """Optimiser and schedule over ``model``'s trainable parameters, both prepared by
+        accelerate, restored from the newest checkpoint when resuming; returns the prepared
+        model. Sets ``steps``, ``start_step`` and ``metrics``."""
+        self.n_examples = n_examples
+        self.steps = total_steps(self.train_settings, n_examples, self.acc.num_processes)
+        self.params = trainable_parameters(model)
+        self.optimizer, self.scheduler = build_optimizer(self.params, self.optim, self.steps)
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.start_step, self.metrics = resume_training(
+            acc=self.acc,
+            run=self.run,
+            ckpt=self.ckpt,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            total=self.steps,
+            cfg=self.cfg,
+            project=f"palate-{self.stage}",
+        )
+        return self.model
+
+    def optimise(self, *, stop_after: int | None = None) -> LoopResult:
+        """The optimiser steps (:func:`run_steps` over this trainer's hooks); closes the log."""
+        result = run_steps(
+            acc=self.acc,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            params=self.params,
+            settings=self.train_settings,
+            checkpoint_every=self.cfg.checkpoint_every,
+            max_grad_norm=self.optim.max_grad_norm,
+            order=self.batches,
+            n_examples=self.n_examples,
+            start_step=self.start_step,
+            units=self.units,
+            loss_sum=self.loss,
+            after_step=self.after_step,
+            checkpoint=self.checkpoint,
+            metrics=self.metrics,
+            desc=self.stage,
+            stop_after=stop_after,
+        )
+        self.metrics.close()
+        return result
+
+    def checkpoint(self, step: int) -> None:
+        """The weights, then optimiser/scheduler/RNG state (``state.json`` last); older
+        checkpoints pruned."""
+        if not self.acc.is_main_process:
+            return
+        path = self.run.checkpoint_dir(step)
+        path.mkdir(parents=True, exist_ok=True)
+        self.save_weights(path)
+        save_training_state(
+            path,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={"step": step, "total_steps": self.steps, "stage": self.stage},
+        )
+        prune_checkpoints(self.run, self.cfg.keep_checkpoints)
+
+    # ----------------------------------------------------------------- hooks
+
+    def batches(self, epoch: int) -> list[int]:
+        raise NotImplementedError
+
+    def units(self, micro_batch: list[int]) -> int:
+        raise NotImplementedError
+
+    def loss(self, micro_batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def after_step(
+        self, step: int, epoch_done: bool, stats: dict[str, float], seconds: float
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_weights(self, path: Path) -> None:
+        raise NotImplementedError
+
+
+def begin_stage(cfg: StageConfig) -> tuple[Any, RunDir, torch.device, str]:
+    """(accelerator, run directory, device, precision) for a training stage: the run directory
+    and its resolved config written by the main process, every RNG seeded with ``cfg.seed``."""
     acc = make_accelerator(cfg.tracker, cfg.output_dir)
     run = RunDir(cfg.output_dir)
     if acc.is_main_process:
         run.create(cfg)
     acc.wait_for_everyone()
     seed_everything(cfg.seed)
-    return acc, run, acc.device, resolve_precision(precision, acc.device)
+    return acc, run, acc.device, resolve_precision(cfg.precision, acc.device)

@@ -85,9 +85,15 @@ def test_sft_command_writes_run_dir(tmp_path: Path) -> None:
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(f"model: tiny\ndata: {data}\noutput_dir: {tmp_path / 'run'}\n")
     proc = run(
-        "sft", str(cfg), "--set", "train.max_steps=2", "--set", "eval_fraction=0.34", "--json",
+        "sft",
+        str(cfg),
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "eval_fraction=0.34",
+        "--json",
         check=True,
-    )  # fmt: skip
+    )
     summary = last_json(proc.stdout)
     assert summary["steps"] == 2 and summary["eval_examples"] == 2
     run_dir = tmp_path / "run"

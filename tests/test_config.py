@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from palate.cli import STAGES
+from palate.cli import COMMANDS
 from palate.config import Config, apply_overrides, describe_config, load_config
 from palate.errors import ConfigError
 
@@ -73,9 +73,9 @@ def test_missing_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(Outer, write(tmp_path, "- a\n- b\n"))
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_stage_field_is_documented(name: str) -> None:
-    rows = describe_config(STAGES[name][0])
+    rows = describe_config(COMMANDS[name][0])
     assert rows
     undocumented = [r[0] for r in rows if not r[3].strip()]
     assert not undocumented, f"{name}: fields without a description: {undocumented}"

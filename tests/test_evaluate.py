@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from palate.evaluate import compare_policies, sequence_kl, win_rate
-from palate.generation import SamplingConfig
+from palate.evaluate import compare, evaluate_policy, sequence_kl, win_rate
+from palate.sampling import SamplingConfig
 
 
 def test_win_rate_hand_computed_and_interval() -> None:
@@ -38,17 +38,23 @@ def test_sequence_kl_zero_for_same_model_and_positive_after_change(tiny) -> None
     # on the changed policy's own samples the k1 estimate is positive on average
     from palate.evaluate import sample_policy
 
-    samples = sample_policy(other, tok, ["hi"] * 16, SamplingConfig(max_new_tokens=6,
-                                                                  temperature=1.0))  # fmt: skip
+    samples = sample_policy(
+        other, tok, ["hi"] * 16, SamplingConfig(max_new_tokens=6, temperature=1.0)
+    )
     assert sum(sequence_kl(other, model, tok, samples.prompts, samples.token_ids)) > 0
 
 
-def test_compare_policies_with_gold_and_proxy(tiny) -> None:
+def test_compare_with_gold_and_proxy(tiny) -> None:
     model, tok = tiny
-    length = lambda ps, rs: [len(r) for r in rs]  # noqa: E731
-    out = compare_policies((model, tok), (model, tok), ["a", "b", "c"],
-                           SamplingConfig(max_new_tokens=5, temperature=1.0), gold=length,
-                           proxy=length)  # fmt: skip
+
+    def length(prompts: object, responses: list[str]) -> list[float]:
+        return [float(len(r)) for r in responses]
+
+    sampling = SamplingConfig(max_new_tokens=5, temperature=1.0)
+    prompts = ["a", "b", "c"]
+    new = evaluate_policy(model, tok, prompts, sampling, reference=model, gold=length, proxy=length)
+    old = evaluate_policy(model, tok, prompts, sampling, gold=length, proxy=length)
+    out = compare(new, old)
     # the same policy with the same seed: identical samples, every comparison a tie
     assert out["gold_win_rate"] == 0.5 and out["proxy_win_rate"] == 0.5
     assert out["kl"] == pytest.approx(0.0, abs=1e-6) and len(out["samples"]) == 3

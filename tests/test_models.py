@@ -97,7 +97,7 @@ def test_ensure_pad_token_adds_one_when_vocab_has_none(tiny) -> None:
 
 @pytest.mark.slow
 def test_smollm2_loads_fast_from_cache_and_chats(capsys: pytest.CaptureFixture[str]) -> None:
-    from palate.generation import SamplingConfig, generate_responses
+    from palate.sampling import SamplingConfig, generate_responses
 
     load_model("smollm2-135m-instruct")  # converts the GGUF once (cached afterwards)
     t0 = time.perf_counter()

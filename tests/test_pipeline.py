@@ -34,13 +34,27 @@ def tiny_overrides(out: Path, hh_file: Path, samples_per_prompt: int | None = 4)
         [] if samples_per_prompt is None else [f"pairs.samples_per_prompt={samples_per_prompt}"]
     )
     return samples + [
-        f"output_dir={out}", "model=tiny", f"prompts.file={hh_file}", "prompts.eval_prompts=8",
-        "prompts.max_prompts=24", "pairs.prompts=6", "pairs.sampling.max_new_tokens=8",
-        "reward.model=tiny", "reward.pooling=cls", "reward.max_length=64", "reward.train.epochs=1",
-        "reward.train.batch_size=4", "ppo.sampling.max_new_tokens=8", "ppo.ppo.updates=4",
-        "ppo.ppo.batch_size=4", "ppo.ppo.mini_batch_size=2", "ppo.ppo.epochs=1",
-        "ppo.checkpoint_every=2", "eval.checkpoint_prompts=4", "eval.batch_size=8",
-    ]  # fmt: skip
+        f"output_dir={out}",
+        "model=tiny",
+        f"prompts.file={hh_file}",
+        "prompts.eval_prompts=8",
+        "prompts.max_prompts=24",
+        "pairs.prompts=6",
+        "pairs.sampling.max_new_tokens=8",
+        "reward.model=tiny",
+        "reward.pooling=cls",
+        "reward.max_length=64",
+        "reward.train.epochs=1",
+        "reward.train.batch_size=4",
+        "ppo.sampling.max_new_tokens=8",
+        "ppo.ppo.updates=4",
+        "ppo.ppo.batch_size=4",
+        "ppo.ppo.mini_batch_size=2",
+        "ppo.ppo.epochs=1",
+        "ppo.checkpoint_every=2",
+        "eval.checkpoint_prompts=4",
+        "eval.batch_size=8",
+    ]
 
 
 def last_json(output: str) -> dict:
@@ -80,8 +94,17 @@ def test_quickstart_pipeline_on_the_tiny_model(tmp_path: Path, hh_file: Path) ->
     assert len((out / "eval" / "samples.jsonl").read_text().splitlines()) == 8
 
     # the JSON summary
-    for key in ("gold_win_rate", "gold_win_rate_low", "gold_win_rate_high", "proxy_win_rate",
-                "kl", "kl_target", "length_new", "length_old", "report"):  # fmt: skip
+    for key in (
+        "gold_win_rate",
+        "gold_win_rate_low",
+        "gold_win_rate_high",
+        "proxy_win_rate",
+        "kl",
+        "kl_target",
+        "length_new",
+        "length_old",
+        "report",
+    ):
         assert summary[key] is not None, key
     assert summary["status"] == "complete" and summary["prompts"] == 8
     assert summary["gold_win_rate_low"] <= summary["gold_win_rate"] <= summary["gold_win_rate_high"]
@@ -135,8 +158,11 @@ def test_run_config_errors_name_the_field(tmp_path: Path, hh_file: Path) -> None
 
 def test_killed_during_ppo_then_rerun_resumes(tmp_path: Path, hh_file: Path) -> None:
     out = tmp_path / "run"
-    sets = tiny_overrides(out, hh_file) + ["ppo.ppo.updates=40", "ppo.checkpoint_every=1",
-                                           "eval.checkpoints=false"]  # fmt: skip
+    sets = tiny_overrides(out, hh_file) + [
+        "ppo.ppo.updates=40",
+        "ppo.checkpoint_every=1",
+        "eval.checkpoints=false",
+    ]
     cmd = [sys.executable, "-m", "palate.cli", "run", str(QUICKSTART)]
     for s in sets:
         cmd += ["--set", s]
@@ -188,15 +214,20 @@ def _label_everything(url: str, token: str, cid: int) -> int:
             r.raise_for_status()
             item = r.json()
             answer = "a" if len(item["a"]) >= len(item["b"]) else "b"  # this rater likes long
-            client.post(f"/api/v1/assignments/{item['assignment_id']}/label",
-                        json={"answer": answer}).raise_for_status()  # fmt: skip
+            client.post(
+                f"/api/v1/assignments/{item['assignment_id']}/label", json={"answer": answer}
+            ).raise_for_status()
             n += 1
 
 
 def test_people_pipeline_waits_for_labels_from_the_api(tmp_path: Path, hh_file: Path) -> None:
     out = tmp_path / "run"
-    cfg = load_config(RunConfig, PEOPLE, tiny_overrides(out, hh_file, None) + [
-        "raters.people.port=0", "raters.people.poll_seconds=0.2"])  # fmt: skip
+    cfg = load_config(
+        RunConfig,
+        PEOPLE,
+        tiny_overrides(out, hh_file, None)
+        + ["raters.people.port=0", "raters.people.poll_seconds=0.2"],
+    )
     assert cfg.raters.kind == "people" and cfg.raters.people.wait
     result: dict = {}
 
@@ -276,9 +307,14 @@ def test_pairing_all_or_disjoint() -> None:
 def test_optional_sft_stage_becomes_the_initial_policy(tmp_path: Path, hh_file: Path) -> None:
     out = tmp_path / "run"
     sets = tiny_overrides(out, hh_file) + [
-        f"sft.data={hh_file}", "sft.max_examples=16", "sft.max_length=96", "sft.train.epochs=1",
-        "sft.sample_prompts=0", "ppo.ppo.updates=2", "eval.checkpoints=false",
-    ]  # fmt: skip
+        f"sft.data={hh_file}",
+        "sft.max_examples=16",
+        "sft.max_length=96",
+        "sft.train.epochs=1",
+        "sft.sample_prompts=0",
+        "ppo.ppo.updates=2",
+        "eval.checkpoints=false",
+    ]
     summary = run_pipeline(load_config(RunConfig, QUICKSTART, sets))
     assert summary["status"] == "complete"
     sft_final = out / "sft" / "final"

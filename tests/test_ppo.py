@@ -27,23 +27,49 @@ def sft_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     (sampled at temperature 1, about one response in eight says 'bright')."""
     d = tmp_path_factory.mktemp("ppo-sft")
     write_jsonl(d / "demos.jsonl", demos(24))
-    cfg = load_config(SFTConfig, None, [
-        "model=tiny", f"data={d / 'demos.jsonl'}", f"output_dir={d / 'sft'}", "eval_fraction=0",
-        "finetune=full", "optim.lr=3e-3", "optim.warmup_ratio=0", "train.epochs=100",
-        "train.batch_size=8", "train.precision=fp32", "sample_prompts=0",
-    ])  # fmt: skip
+    cfg = load_config(
+        SFTConfig,
+        None,
+        [
+            "model=tiny",
+            f"data={d / 'demos.jsonl'}",
+            f"output_dir={d / 'sft'}",
+            "eval_fraction=0",
+            "finetune=full",
+            "optim.lr=3e-3",
+            "optim.warmup_ratio=0",
+            "train.epochs=100",
+            "train.batch_size=8",
+            "precision=fp32",
+            "sample_prompts=0",
+        ],
+    )
     return sft(cfg)["final"], str(d / "demos.jsonl")
 
 
 def make_cfg(tmp_path: Path, policy: tuple[str, str], *overrides: str) -> PPOConfig:
     model, prompts = policy
-    return load_config(PPOConfig, None, [
-        f"model={model}", f"prompts={prompts}", f"output_dir={tmp_path / 'run'}",
-        "reward.function=tests.test_ppo:bright", "sampling.max_new_tokens=16",
-        "sampling.temperature=1.0", "ppo.batch_size=16", "ppo.mini_batch_size=8",
-        "finetune=full", "optim.lr=2e-4", "precision=fp32", "kl.adaptive=false", "kl.coef=0.01",
-        "checkpoint_every=100", *overrides,
-    ])  # fmt: skip
+    return load_config(
+        PPOConfig,
+        None,
+        [
+            f"model={model}",
+            f"prompts={prompts}",
+            f"output_dir={tmp_path / 'run'}",
+            "reward.function=tests.test_ppo:bright",
+            "sampling.max_new_tokens=16",
+            "sampling.temperature=1.0",
+            "ppo.batch_size=16",
+            "ppo.mini_batch_size=8",
+            "finetune=full",
+            "optim.lr=2e-4",
+            "precision=fp32",
+            "kl.adaptive=false",
+            "kl.coef=0.01",
+            "checkpoint_every=100",
+            *overrides,
+        ],
+    )
 
 
 def scores(tmp_path: Path) -> list[float]:
@@ -59,11 +85,23 @@ def test_rule_reward_rises_threefold(tmp_path: Path, sft_policy) -> None:
     assert summary["updates"] == 14 and Path(summary["final"], "config.json").is_file()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     documented = {
-        "objective/score", "objective/kl", "objective/kl_coef", "objective/entropy",
-        "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "policy/loss",
-        "value/loss", "value/clipfrac", "value/explained_variance", "response/length",
-        "response/eos_rate", "timing/rollout", "timing/update", "throughput/episodes_per_s",
-    }  # fmt: skip
+        "objective/score",
+        "objective/kl",
+        "objective/kl_coef",
+        "objective/entropy",
+        "objective/rlhf_reward",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "policy/loss",
+        "value/loss",
+        "value/clipfrac",
+        "value/explained_variance",
+        "response/length",
+        "response/eos_rate",
+        "timing/rollout",
+        "timing/update",
+        "throughput/episodes_per_s",
+    }
     assert documented <= set(rows[0])
     assert (tmp_path / "run" / "samples" / "update-00001.jsonl").is_file()
 
@@ -79,8 +117,14 @@ def test_huge_beta_keeps_policy_on_the_leash(tmp_path: Path, sft_policy) -> None
 
 def test_first_minibatch_is_on_policy(tmp_path: Path, sft_policy) -> None:
     """Recomputed log-probs equal the rollout's: ratio 1, nothing clipped, approx-KL 0."""
-    cfg = make_cfg(tmp_path, sft_policy, "ppo.updates=1", "ppo.epochs=1",
-                   "ppo.mini_batch_size=16", "optim.lr=1e-12")  # fmt: skip
+    cfg = make_cfg(
+        tmp_path,
+        sft_policy,
+        "ppo.updates=1",
+        "ppo.epochs=1",
+        "ppo.mini_batch_size=16",
+        "optim.lr=1e-12",
+    )
     trainer = PPOTrainer(cfg, score_fn=bright)
     row, ro = trainer.step(trainer.prompts[:16])
     assert row["policy/approxkl"] < 1e-8 and row["policy/clipfrac"] == 0
@@ -98,9 +142,19 @@ def test_first_minibatch_is_on_policy(tmp_path: Path, sft_policy) -> None:
 def test_critic_modes_and_lora(tmp_path: Path, sft_policy, mode: str, precision: str) -> None:
     from safetensors.torch import load_file
 
-    summary = ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=2", f"critic.mode={mode}",
-                           "critic.init=policy", "finetune=lora", f"precision={precision}",
-                           "optim.lr=1e-3"), score_fn=bright)  # fmt: skip
+    summary = ppo(
+        make_cfg(
+            tmp_path,
+            sft_policy,
+            "ppo.updates=2",
+            f"critic.mode={mode}",
+            "critic.init=policy",
+            "finetune=lora",
+            f"precision={precision}",
+            "optim.lr=1e-3",
+        ),
+        score_fn=bright,
+    )
     assert summary["updates"] == 2
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step-*"))
     name = "value_head.safetensors" if mode == "shared" else "critic.safetensors"
@@ -128,8 +182,14 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path: Path, sft_policy) -> 
     rb = [json.loads(x) for x in (tmp_path / "b/run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb, strict=True):
-        for key in ("objective/score", "objective/kl", "objective/kl_coef", "policy/loss",
-                    "value/loss", "response/length"):  # fmt: skip
+        for key in (
+            "objective/score",
+            "objective/kl",
+            "objective/kl_coef",
+            "policy/loss",
+            "value/loss",
+            "response/length",
+        ):
             assert x[key] == pytest.approx(y[key], abs=1e-5), (x["step"], key)
 
 
@@ -146,7 +206,8 @@ def test_config_needs_one_reward_source(tmp_path: Path) -> None:
 
 
 def test_chunked_forward_equals_one_forward(tiny) -> None:
-    from palate.ppo import ValueHead, in_chunks, policy_forward
+    from palate.lm import policy_forward, trimmed_by_prompt_length
+    from palate.ppo import ValueHead
 
     model, tok = tiny
     torch.manual_seed(0)
@@ -161,7 +222,8 @@ def test_chunked_forward_equals_one_forward(tiny) -> None:
         ids[i, :lead] = tok.pad_token_id
     want = policy_forward(model, head, ids, mask, tq, 0.7, with_entropy=True)
     for chunks in (1, 2, 3, 5, 9):
-        got = in_chunks(lambda i, m, t: policy_forward(model, head, i, m, t, 0.7, True),
-                        ids, mask, tq, chunks)  # fmt: skip
+        got = trimmed_by_prompt_length(
+            lambda i, m, t: policy_forward(model, head, i, m, t, 0.7, True), ids, mask, tq, chunks
+        )
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g * mask[:, tq:], w * mask[:, tq:], rtol=1e-5, atol=1e-5)

@@ -29,16 +29,18 @@ def test_gae_four_tokens() -> None:
     # δ2 = 0.2 − 0.3 = −0.1         A2 = −0.1 + 0.9·0.8   = 0.62
     # δ1 = 0.3 − 0.4 = −0.1         A1 = −0.1 + 0.9·0.62  = 0.458
     # δ0 = 0.4 − 0.5 = −0.1         A0 = −0.1 + 0.9·0.458 = 0.3122
-    adv, ret = gae(T([[0.0, 0.0, 0.0, 1.0]]), T([[0.5, 0.4, 0.3, 0.2]]), T([[1, 1, 1, 1]]),
-                   gamma=1.0, lam=0.9)  # fmt: skip
+    adv, ret = gae(
+        T([[0.0, 0.0, 0.0, 1.0]]), T([[0.5, 0.4, 0.3, 0.2]]), T([[1, 1, 1, 1]]), gamma=1.0, lam=0.9
+    )
     assert adv[0].tolist() == pytest.approx([0.3122, 0.458, 0.62, 0.8], abs=1e-6)
     assert ret[0].tolist() == pytest.approx([0.8122, 0.858, 0.92, 1.0], abs=1e-6)
 
 
 def test_gae_masks_padding_and_treats_last_real_token_as_terminal() -> None:
     # mask ends after 3 tokens: the 4th reward (5) and value (9) must not leak in.
-    adv, ret = gae(T([[0.0, 0.0, 1.0, 5.0]]), T([[0.5, 0.4, 0.3, 9.0]]), T([[1, 1, 1, 0]]),
-                   gamma=1.0, lam=0.9)  # fmt: skip
+    adv, ret = gae(
+        T([[0.0, 0.0, 1.0, 5.0]]), T([[0.5, 0.4, 0.3, 9.0]]), T([[1, 1, 1, 0]]), gamma=1.0, lam=0.9
+    )
     # δ2 = 1 − 0.3 = 0.7; A1 = −0.1 + 0.9·0.7 = 0.53; A0 = −0.1 + 0.9·0.53 = 0.377
     assert adv[0].tolist() == pytest.approx([0.377, 0.53, 0.7, 0.0], abs=1e-6)
     assert ret[0, 3] == 0

@@ -9,16 +9,39 @@ from palate.report import PLOTS, build_report
 
 
 def test_report_has_every_plot_inline_and_escapes_text(tmp_path: Path) -> None:
-    metrics = [{"step": i, "objective/score": 0.1 * i, "objective/kl": 0.2 * i,
-                "objective/kl_coef": 0.1, "objective/entropy": 2.0, "response/length": 40 - i}
-               for i in range(1, 6)]  # fmt: skip
+    metrics = [
+        {
+            "step": i,
+            "objective/score": 0.1 * i,
+            "objective/kl": 0.2 * i,
+            "objective/kl_coef": 0.1,
+            "objective/entropy": 2.0,
+            "response/length": 40 - i,
+        }
+        for i in range(1, 6)
+    ]
     checkpoints = [{"update": u, "kl": 0.5 * u, "gold": 0.1 * u, "proxy": 0.2 * u} for u in (0, 5)]
-    samples = [{"prompt": [{"role": "user", "content": "hi"}], "old": "<script>x()</script>",
-                "new": "hello friend", "gold_old": 0.1, "gold_new": 0.9, "proxy_old": -1.0,
-                "proxy_new": 1.0}]  # fmt: skip
-    out = build_report(tmp_path / "report.html", title="t", ppo_metrics=metrics,
-                       checkpoints=checkpoints, lengths_initial=[40, 42], lengths_final=[20, 22],
-                       samples=samples, summary={"gold_win_rate": 0.8, "kl": 3.2})  # fmt: skip
+    samples = [
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "old": "<script>x()</script>",
+            "new": "hello friend",
+            "gold_old": 0.1,
+            "gold_new": 0.9,
+            "proxy_old": -1.0,
+            "proxy_new": 1.0,
+        }
+    ]
+    out = build_report(
+        tmp_path / "report.html",
+        title="t",
+        ppo_metrics=metrics,
+        checkpoints=checkpoints,
+        lengths_initial=[40, 42],
+        lengths_final=[20, 22],
+        samples=samples,
+        summary={"gold_win_rate": 0.8, "kl": 3.2},
+    )
     page = out.read_text()
     for plot_id in PLOTS:
         assert re.search(

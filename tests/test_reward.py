@@ -108,13 +108,13 @@ def test_causal_score_is_read_at_eos(tiny_rm: RewardModel) -> None:
 
 
 def test_chunked_forward_gives_the_same_scores(tiny_rm: RewardModel) -> None:
-    from palate.reward import _encode_pairs, _pair_scores
+    from palate.reward.model import encode_pairs, forward_pairs
 
-    pairs = _encode_pairs(tiny_rm, marker_pairs(7), use_margin=False)
+    pairs = encode_pairs(tiny_rm, marker_pairs(7), use_margin=False)
     with torch.no_grad():
-        one = _pair_scores(tiny_rm, pairs, chunks=1)
+        one = forward_pairs(tiny_rm, pairs, chunks=1)
         for chunks in (2, 3, 14, 50):
-            many = _pair_scores(tiny_rm, pairs, chunks=chunks)
+            many = forward_pairs(tiny_rm, pairs, chunks=chunks)
             for a, b in zip(one, many, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -181,8 +181,11 @@ def marker_pairs(n: int, seed: int = 0) -> list[Comparison]:
         other = [rng.choice(WORDS) for _ in range(rng.randint(3, 7))]
         chosen = list(base)
         chosen.insert(rng.randint(0, len(chosen)), "banana")
-        out.append(Comparison(prompt=f"Say something {i}", chosen=" ".join(chosen),
-                              rejected=" ".join(other)))  # fmt: skip
+        out.append(
+            Comparison(
+                prompt=f"Say something {i}", chosen=" ".join(chosen), rejected=" ".join(other)
+            )
+        )
     return out
 
 
@@ -200,7 +203,7 @@ def test_tiny_reward_model_learns_marker(tmp_path: Path) -> None:
         "optim.lr=3e-3",
         "train.epochs=6",
         "train.batch_size=16",
-        "train.precision=fp32",
+        "precision=fp32",
     )
     summary = train_reward(cfg)
     assert summary["eval_accuracy"] >= 0.95, summary
@@ -223,8 +226,13 @@ def test_tiny_reward_model_learns_marker(tmp_path: Path) -> None:
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
-    common = ["train.max_steps=5", "train.batch_size=8", "train.grad_accum=2",
-              "train.checkpoint_every=100", "optim.lr=1e-3"]  # fmt: skip
+    common = [
+        "train.max_steps=5",
+        "train.batch_size=8",
+        "train.grad_accum=2",
+        "checkpoint_every=100",
+        "optim.lr=1e-3",
+    ]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     train_reward(cfg_for(tmp_path / "a", *common, n=120))
@@ -249,8 +257,14 @@ def test_eval_and_score_commands(tmp_path: Path) -> None:
     ev = evaluate_reward(
         RewardEvalConfig(model=s["final"], data=str(tmp_path / "run/heldout.jsonl"))
     )
-    for key in ("accuracy", "mean_margin", "ece", "length_reward_spearman",
-                "accuracy_rejected_longer", "pairs_rejected_longer"):  # fmt: skip
+    for key in (
+        "accuracy",
+        "mean_margin",
+        "ece",
+        "length_reward_spearman",
+        "accuracy_rejected_longer",
+        "pairs_rejected_longer",
+    ):
         assert key in ev
     assert ev["pairs"] == 16
     rows = tmp_path / "rows.jsonl"
@@ -287,10 +301,16 @@ def test_encoder_mean_pooling_matches_manual_and_survives_save(tmp_path: Path) -
 
 
 def test_ensemble_trains_members_on_one_split_and_averages(tmp_path: Path) -> None:
-    from palate.reward import RewardEnsemble
+    from palate.reward import RewardEnsemble, load_reward_model
 
-    args = ["ensemble=2", "train.max_steps=3", "optim.lr=1e-3", "train.precision=fp32",
-            "freeze_layers=1", "head_init=zero"]  # fmt: skip
+    args = [
+        "ensemble=2",
+        "train.max_steps=3",
+        "optim.lr=1e-3",
+        "precision=fp32",
+        "freeze_layers=1",
+        "head_init=zero",
+    ]
     part = train_reward(cfg_for(tmp_path, *args, n=80), stop_after=2)  # interrupted in member 0
     assert part["member"] == 0 and part["stopped_at"] == 2
     s = train_reward(cfg_for(tmp_path, *args, n=80))
@@ -298,7 +318,7 @@ def test_ensemble_trains_members_on_one_split_and_averages(tmp_path: Path) -> No
     # both members used the parent's held-out split, and different data orders / seeds
     held = [(run / "members" / f"member-{k}" / "heldout.jsonl").read_text() for k in (0, 1)]
     assert held[0] == held[1] == (run / "heldout.jsonl").read_text()
-    ens = RewardModel.load(s["final"])
+    ens = load_reward_model(s["final"])
     assert isinstance(ens, RewardEnsemble) and len(ens.members) == 2
     members = [RewardModel.load(run / "members" / f"member-{k}" / "final") for k in (0, 1)]
     w = [m.model.score.weight for m in members]

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from palate.config import load_config
 from palate.data import Demonstration, write_jsonl
-from palate.generation import SamplingConfig, generate_responses
+from palate.lm import response_cross_entropy
 from palate.models import load_model
+from palate.sampling import SamplingConfig, generate_responses
 from palate.sft import (
     IGNORE_INDEX,
     SFTConfig,
-    _response_ce,
     collate,
     sft,
     sft_loss,
@@ -90,7 +90,7 @@ def test_fast_lm_head_matches_full_forward(tiny) -> None:
     ]
     batch = collate(exs, tok.pad_token_id)
     with torch.no_grad():
-        fast, n_fast = _response_ce(model, batch, fast=True)
+        fast, n_fast = response_cross_entropy(model, batch, fast=True)
         full, n_full = sft_loss(
             model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"]
         )
@@ -129,10 +129,31 @@ def test_collate_pads_right_with_pad_not_eos(tiny) -> None:
 
 
 TOPICS = [
-    "oceans", "cats", "winter", "music", "bread", "moonlight", "rivers", "books",
-    "trains", "gardens", "rain", "coffee", "mountains", "clocks", "bees", "lanterns",
-    "snow", "maps", "owls", "violins", "tea", "bridges", "storms", "candles",
-]  # fmt: skip
+    "oceans",
+    "cats",
+    "winter",
+    "music",
+    "bread",
+    "moonlight",
+    "rivers",
+    "books",
+    "trains",
+    "gardens",
+    "rain",
+    "coffee",
+    "mountains",
+    "clocks",
+    "bees",
+    "lanterns",
+    "snow",
+    "maps",
+    "owls",
+    "violins",
+    "tea",
+    "bridges",
+    "storms",
+    "candles",
+]
 ENDINGS = ["is quiet", "feels warm", "sings softly", "waits patiently", "shines bright"]
 
 
@@ -168,7 +189,7 @@ def test_tiny_model_learns_demonstrations(tmp_path: Path) -> None:
         "optim.warmup_ratio=0",
         "train.epochs=150",
         "train.batch_size=8",
-        "train.precision=fp32",
+        "precision=fp32",
     )
     summary = sft(cfg)
     assert summary["eval_loss_after"] <= 0.5 * summary["eval_loss_before"], summary
@@ -190,10 +211,10 @@ def test_tiny_model_learns_demonstrations(tmp_path: Path) -> None:
 
 def _held_out_prompts(tmp_path: Path) -> set[str]:
     # the held-out split is written nowhere; recompute it the way sft does
-    from palate.sft import _load_demos
+    from palate.sft import load_demonstrations
 
     cfg = make_cfg(tmp_path, "eval_fraction=0.2")
-    return {d.prompt for d in _load_demos(cfg)[1]}
+    return {d.prompt for d in load_demonstrations(cfg)[1]}
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -203,7 +224,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, finetune: str) -> None
         "train.max_steps=6",
         "train.batch_size=3",
         "train.grad_accum=2",
-        "train.checkpoint_every=100",
+        "checkpoint_every=100",
         "optim.lr=1e-2",
         "sample_prompts=0",
         "save=adapter",

@@ -10,9 +10,11 @@ import pytest
 from palate.simulate import GoldRubric, PanelConfig, choose, gold_score, label_with_panel
 
 PROMPT = [{"role": "user", "content": "How do I keep my houseplants healthy in winter?"}]
-GOOD = ("Keep your houseplants near a bright window, water them less often in winter, and "
-        "watch for dry air. A little care goes a long way, and your plants will be happy and "
-        "healthy until spring!")  # fmt: skip
+GOOD = (
+    "Keep your houseplants near a bright window, water them less often in winter, and "
+    "watch for dry air. A little care goes a long way, and your plants will be happy and "
+    "healthy until spring!"
+)
 
 
 def _quickstart_rubric() -> GoldRubric:
@@ -38,7 +40,7 @@ def test_degenerate_responses_score_low(which: str) -> None:
         "ignores the prompt": (
             "The stock market closed higher today as investors welcomed "
             "strong quarterly earnings from several large companies."
-        ),  # fmt: skip
+        ),
         "refusal": "I'm sorry, I can't help with that.",
         "one word": "Great!",
         "parrots the prompt": "How do I keep my houseplants healthy in winter?",
@@ -73,8 +75,14 @@ def test_panel_labels_a_campaign_through_the_store(tmp_path: Path) -> None:
 
     db = str(tmp_path / "sim.db")
     with open_db(db)() as s:
-        pairs = [PairIn(prompt=PROMPT, response_a=GOOD if i % 2 else GOOD[:50],
-                        response_b=GOOD[:50] if i % 2 else GOOD) for i in range(20)]  # fmt: skip
+        pairs = [
+            PairIn(
+                prompt=PROMPT,
+                response_a=GOOD if i % 2 else GOOD[:50],
+                response_b=GOOD[:50] if i % 2 else GOOD,
+            )
+            for i in range(20)
+        ]
         create_campaign(s, "sim", pairs, overlap=3)
     out = label_with_panel(db, "sim", PanelConfig(raters=3, temperature=0.2, seed=1))
     assert out["labels"] == 60

@@ -13,11 +13,11 @@ from pydantic import Field, model_validator
 from palate.config import Config
 from palate.data import Prompt, prompt_json, read_records, write_jsonl
 from palate.errors import ConfigError, DataError
-from palate.label.db import ANSWERS, Campaign, open_db
+from palate.label.db import ANSWERS, Answer, Campaign, open_db
 from palate.label.store import PairIn, create_campaign, create_user, export_rows
 
 if TYPE_CHECKING:  # torch is imported only when sampling
-    from palate.generation import Generated, SamplingConfig
+    from palate.sampling import Generated, SamplingConfig
 
 
 class LabelCreateConfig(Config):
@@ -38,7 +38,7 @@ class LabelCreateConfig(Config):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     overlap: int = Field(1, ge=1, description="Raters per pair.")
     guidelines: str | None = Field(None, description="Markdown file shown to raters.")
-    answers: list[Literal["a", "b", "tie", "both_bad"]] = Field(
+    answers: list[Answer] = Field(
         default_factory=lambda: list(ANSWERS), description="Allowed answers."
     )
     gold: str | None = Field(
@@ -71,14 +71,27 @@ def parse_pairs(text: str, name: str = "pairs") -> list[PairIn]:
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{n}: not JSON ({err.msg})") from err
         if "response_a" in row and "response_b" in row and "prompt" in row:
-            out.append(PairIn(prompt=row["prompt"], response_a=row["response_a"],
-                              response_b=row["response_b"], source_a=row.get("source_a", ""),
-                              source_b=row.get("source_b", ""), gold=row.get("gold"),
-                              meta=row.get("metadata") or {}))  # fmt: skip
+            out.append(
+                PairIn(
+                    prompt=row["prompt"],
+                    response_a=row["response_a"],
+                    response_b=row["response_b"],
+                    source_a=row.get("source_a", ""),
+                    source_b=row.get("source_b", ""),
+                    gold=row.get("gold"),
+                    meta=row.get("metadata") or {},
+                )
+            )
         elif {"prompt", "chosen", "rejected"} <= set(row):
             prompt = row["prompt"]
-            out.append(PairIn(prompt=prompt, response_a=row["chosen"], response_b=row["rejected"],
-                              gold=row.get("gold")))  # fmt: skip
+            out.append(
+                PairIn(
+                    prompt=prompt,
+                    response_a=row["chosen"],
+                    response_b=row["rejected"],
+                    gold=row.get("gold"),
+                )
+            )
         else:
             raise DataError(
                 f"{path}:{n}: expected prompt with response_a/response_b (or chosen/rejected)"
@@ -108,27 +121,37 @@ def sample_pairs(
 ) -> tuple[list[PairIn], list[Generated]]:
     """Sample k responses per prompt and pair them (:func:`pair_indices`); returns the pairs
     and every generation (for token/EOS statistics)."""
-    from palate.generation import generate_responses
+    from palate.sampling import generate_responses
 
     many = [p for p in prompts for _ in range(k)]
-    gens = generate_responses(model, tok, many, sampling, batch_size=batch_size,
-                              precision=precision, on_batch=on_batch)  # fmt: skip
+    gens = generate_responses(
+        model, tok, many, sampling, batch_size=batch_size, precision=precision, on_batch=on_batch
+    )
     pairs = []
     for j, p in enumerate(prompts):
         texts = [g.text for g in gens[j * k : (j + 1) * k]]
         for a, b in pair_indices(k, pairing):
-            pairs.append(PairIn(prompt=prompt_json(p), response_a=texts[a], response_b=texts[b],
-                                source_a=source, source_b=source))  # fmt: skip
+            pairs.append(
+                PairIn(
+                    prompt=prompt_json(p),
+                    response_a=texts[a],
+                    response_b=texts[b],
+                    source_a=source,
+                    source_b=source,
+                )
+            )
     return pairs, gens
 
 
 def _sampled_pairs(cfg: LabelCreateConfig) -> list[PairIn]:
-    from palate.generation import SamplingConfig
     from palate.models import load_model
+    from palate.sampling import SamplingConfig
 
-    prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records]  # type: ignore[arg-type]
+    # LabelCreateConfig's validator guarantees both when `pairs` is not set.
+    assert cfg.prompts is not None and cfg.model is not None
+    prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records]
     prompts = prompts[: cfg.max_prompts]
-    model, tok = load_model(cfg.model)  # type: ignore[arg-type]
+    model, tok = load_model(cfg.model)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     k = cfg.samples_per_prompt - cfg.samples_per_prompt % 2
     return sample_pairs(model, tok, prompts, sampling, k=k, source=str(cfg.model))[0]
@@ -143,11 +166,23 @@ def create_label_campaign(cfg: LabelCreateConfig) -> dict[str, Any]:
     guidelines = Path(cfg.guidelines).read_text() if cfg.guidelines else ""
     factory = open_db(cfg.db)
     with factory() as db:
-        camp = create_campaign(db, cfg.name, pairs + gold, overlap=cfg.overlap,
-                               guidelines=guidelines, answers=cfg.answers,
-                               source=str(cfg.model or cfg.pairs))  # fmt: skip
-        return {"stage": "label-create", "campaign": camp.name, "campaign_id": camp.id,
-                "pairs": len(pairs), "gold_pairs": len(gold), "overlap": cfg.overlap}  # fmt: skip
+        camp = create_campaign(
+            db,
+            cfg.name,
+            pairs + gold,
+            overlap=cfg.overlap,
+            guidelines=guidelines,
+            answers=cfg.answers,
+            source=str(cfg.model or cfg.pairs),
+        )
+        return {
+            "stage": "label-create",
+            "campaign": camp.name,
+            "campaign_id": camp.id,
+            "pairs": len(pairs),
+            "gold_pairs": len(gold),
+            "overlap": cfg.overlap,
+        }
 
 
 class LabelExportConfig(Config):
@@ -170,8 +205,12 @@ def export_label_campaign(cfg: LabelExportConfig) -> dict[str, Any]:
             raise ConfigError(f"{cfg.db}: no campaign named {cfg.campaign!r}")
         rows = export_rows(db, camp)
     write_jsonl(cfg.output, rows)
-    return {"stage": "label-export", "campaign": cfg.campaign, "comparisons": len(rows),
-            "output": cfg.output}  # fmt: skip
+    return {
+        "stage": "label-export",
+        "campaign": cfg.campaign,
+        "comparisons": len(rows),
+        "output": cfg.output,
+    }
 
 
 class LabelUserConfig(Config):
@@ -187,5 +226,10 @@ def add_label_user(cfg: LabelUserConfig) -> dict[str, Any]:
     factory = open_db(cfg.db)
     with factory() as db:
         user, invite, api = create_user(db, cfg.name, cfg.role, cfg.password)
-    return {"stage": "label-user", "name": user.name, "role": user.role,
-            "invite_path": f"/invite/{invite}", "api_token": api}  # fmt: skip
+    return {
+        "stage": "label-user",
+        "name": user.name,
+        "role": user.role,
+        "invite_path": f"/invite/{invite}",
+        "api_token": api,
+    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
@@ -28,10 +28,18 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 __all__ = [
     "ANSWERS",
+    "Answer",
     "Assignment",
     "Base",
     "Campaign",
@@ -41,7 +49,8 @@ __all__ = [
     "open_db",
 ]
 
-ANSWERS = ("a", "b", "tie", "both_bad")
+Answer = Literal["a", "b", "tie", "both_bad"]
+ANSWERS: tuple[Answer, ...] = ("a", "b", "tie", "both_bad")
 STRENGTHS = ("slightly", "clearly", "much")
 FLAGS = ("harmful", "factually_wrong", "evasive")
 
@@ -173,7 +182,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
-def open_db(url: str) -> sessionmaker:
+def open_db(url: str) -> sessionmaker[Session]:
     """Migrate the database at ``url`` to the newest schema and return a session factory."""
     from palate.label.migrate import upgrade
 

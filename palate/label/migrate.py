@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
+
+if TYPE_CHECKING:  # alembic is imported only when migrating
+    from alembic.config import Config as AlembicConfig
 
 HERE = Path(__file__).resolve().parent
 
 
-def alembic_config(engine: Engine):  # noqa: ANN201 - alembic.config.Config
+def alembic_config(engine: Engine) -> AlembicConfig:
     from alembic.config import Config
 
     cfg = Config()

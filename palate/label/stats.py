@@ -36,15 +36,14 @@ def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
     if len(raters) >= 2 and multi:
         import krippendorff
 
-        code = {a: i for i, a in enumerate(ANSWERS)}
+        code: dict[str, int] = {a: i for i, a in enumerate(ANSWERS)}
         data = np.full((len(raters), len(multi)), np.nan)
         r_index = {r: i for i, r in enumerate(raters)}
         for j, pid in enumerate(multi):
             for lab in by_pair[pid]:
                 data[r_index[lab.rater_id], j] = code[lab.answer]
         if len({v for v in data.flatten() if not np.isnan(v)}) > 1:
-            alpha = float(krippendorff.alpha(reliability_data=data,
-                                             level_of_measurement="nominal"))  # fmt: skip
+            alpha = float(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
 
     # per rater: labels, median seconds, agreement with the majority of the others, gold accuracy
     per_rater: dict[int, dict[str, Any]] = {}

@@ -15,9 +15,9 @@ import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -103,16 +103,25 @@ def create_campaign(
     for i, p in enumerate(pairs):
         if p.gold is not None and p.gold not in answers:
             raise DataError(f"pair {i}: gold {p.gold!r} is not an allowed answer")
-    camp = Campaign(name=name, guidelines=guidelines, overlap=overlap, answers=list(answers),
-                    source=source)  # fmt: skip
+    camp = Campaign(
+        name=name, guidelines=guidelines, overlap=overlap, answers=list(answers), source=source
+    )
     db.add(camp)
     db.flush()
     db.add_all(
-        Pair(campaign_id=camp.id, prompt=p.prompt, response_a=p.response_a,
-             response_b=p.response_b, source_a=p.source_a, source_b=p.source_b, gold=p.gold,
-             meta=p.meta or {}, n_assigned=0)
+        Pair(
+            campaign_id=camp.id,
+            prompt=p.prompt,
+            response_a=p.response_a,
+            response_b=p.response_b,
+            source_a=p.source_a,
+            source_b=p.source_b,
+            gold=p.gold,
+            meta=p.meta or {},
+            n_assigned=0,
+        )
         for p in pairs
-    )  # fmt: skip
+    )
     db.commit()
     return camp
 
@@ -126,9 +135,12 @@ def next_assignment(
     """The rater's open assignment, or a new one on a pair they have not seen whose overlap is
     not yet full; None when there is nothing left for them."""
     current = db.scalar(
-        select(Assignment).where(Assignment.campaign_id == campaign.id,
-                                 Assignment.rater_id == rater.id, Assignment.status == "open")
-    )  # fmt: skip
+        select(Assignment).where(
+            Assignment.campaign_id == campaign.id,
+            Assignment.rater_id == rater.id,
+            Assignment.status == "open",
+        )
+    )
     if current is not None:
         return current
     rng = rng or random.Random()
@@ -136,24 +148,36 @@ def next_assignment(
     for _attempt in range(50):
         candidates = db.scalars(
             select(Pair.id)
-            .where(Pair.campaign_id == campaign.id, Pair.n_assigned < campaign.overlap,
-                   Pair.id.not_in(seen))
+            .where(
+                Pair.campaign_id == campaign.id,
+                Pair.n_assigned < campaign.overlap,
+                Pair.id.not_in(seen),
+            )
             .order_by(Pair.n_assigned.desc(), Pair.id)  # finish pairs before starting new ones
             .limit(8)
-        ).all()  # fmt: skip
+        ).all()
         if not candidates:
             return None
         for pair_id in candidates:
-            claimed = db.execute(
-                update(Pair)
-                .where(Pair.id == pair_id, Pair.n_assigned < campaign.overlap)
-                .values(n_assigned=Pair.n_assigned + 1)
+            # An UPDATE returns a CursorResult (Session.execute is typed as the base Result).
+            claimed = cast(
+                "CursorResult[Any]",
+                db.execute(
+                    update(Pair)
+                    .where(Pair.id == pair_id, Pair.n_assigned < campaign.overlap)
+                    .values(n_assigned=Pair.n_assigned + 1)
+                ),
             ).rowcount
             if not claimed:
                 db.rollback()
                 continue
-            a = Assignment(pair_id=pair_id, rater_id=rater.id, campaign_id=campaign.id,
-                           swapped=rng.random() < 0.5, status="open")  # fmt: skip
+            a = Assignment(
+                pair_id=pair_id,
+                rater_id=rater.id,
+                campaign_id=campaign.id,
+                swapped=rng.random() < 0.5,
+                status="open",
+            )
             db.add(a)
             try:
                 db.commit()
@@ -201,9 +225,16 @@ def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelI
     if bad:
         raise ConfigError(f"flags {bad}: expected from {list(FLAGS)}")
     answer = flip(shown.answer, assignment.swapped)
-    label = Label(assignment_id=assignment.id, pair_id=assignment.pair_id, rater_id=rater.id,
-                  answer=answer, strength=shown.strength if answer in ("a", "b") else None,
-                  flags=list(shown.flags), comment=shown.comment[:5000], seconds=shown.seconds)  # fmt: skip
+    label = Label(
+        assignment_id=assignment.id,
+        pair_id=assignment.pair_id,
+        rater_id=rater.id,
+        answer=answer,
+        strength=shown.strength if answer in ("a", "b") else None,
+        flags=list(shown.flags),
+        comment=shown.comment[:5000],
+        seconds=shown.seconds,
+    )
     assignment.status = "done"
     db.add(label)
     db.commit()
@@ -217,8 +248,9 @@ def skip_assignment(db: Session, assignment: Assignment, rater: User) -> None:
     if assignment.status != "open":
         return
     assignment.status = "skipped"
-    db.execute(update(Pair).where(Pair.id == assignment.pair_id)
-               .values(n_assigned=Pair.n_assigned - 1))  # fmt: skip
+    db.execute(
+        update(Pair).where(Pair.id == assignment.pair_id).values(n_assigned=Pair.n_assigned - 1)
+    )
     db.commit()
 
 
@@ -227,14 +259,14 @@ def skip_assignment(db: Session, assignment: Assignment, rater: User) -> None:
 
 def progress(db: Session, campaign: Campaign, rater: User | None = None) -> dict[str, int]:
     total = db.scalar(select(func.count()).where(Pair.campaign_id == campaign.id)) or 0
-    q = (
+    query = (
         select(func.count(Label.id))
         .join(Pair, Pair.id == Label.pair_id)
         .where(Pair.campaign_id == campaign.id)
     )
     if rater is not None:
-        q = q.where(Label.rater_id == rater.id)
-    done = db.scalar(q) or 0
+        query = query.where(Label.rater_id == rater.id)
+    done = db.scalar(query) or 0
     return {"pairs": total, "labels": done, "target": total * campaign.overlap}
 
 
@@ -246,8 +278,12 @@ def aggregate(answers: Iterable[str]) -> dict[str, Any]:
     if decided == 0:
         return {"skip": True, "votes": dict(votes)}
     prob_a = (a + 0.5 * tie) / decided
-    return {"skip": False, "votes": dict(votes), "prob_a": prob_a,
-            "tie": tie > max(a, b) or (a == b and a > 0 and prob_a == 0.5)}  # fmt: skip
+    return {
+        "skip": False,
+        "votes": dict(votes),
+        "prob_a": prob_a,
+        "tie": tie > max(a, b) or (a == b and a > 0 and prob_a == 0.5),
+    }
 
 
 def export_rows(db: Session, campaign: Campaign) -> list[dict[str, Any]]:
@@ -255,8 +291,12 @@ def export_rows(db: Session, campaign: Campaign) -> list[dict[str, Any]]:
     ``prob_chosen`` = the vote fraction (ties count half), ``tie`` when ties win, raters."""
     rows = []
     labels: dict[int, list[Label]] = {}
-    for lab in db.scalars(select(Label).join(Pair, Pair.id == Label.pair_id)
-                          .where(Pair.campaign_id == campaign.id).order_by(Label.id)):  # fmt: skip
+    for lab in db.scalars(
+        select(Label)
+        .join(Pair, Pair.id == Label.pair_id)
+        .where(Pair.campaign_id == campaign.id)
+        .order_by(Label.id)
+    ):
         labels.setdefault(lab.pair_id, []).append(lab)
     names = {u.id: u.name for u in db.scalars(select(User))}
     for pair in db.scalars(select(Pair).where(Pair.campaign_id == campaign.id).order_by(Pair.id)):
@@ -265,25 +305,30 @@ def export_rows(db: Session, campaign: Campaign) -> list[dict[str, Any]]:
         if not labs or agg["skip"]:
             continue
         a_wins = agg["prob_a"] >= 0.5
-        chosen, rejected = ((pair.response_a, pair.response_b) if a_wins
-                            else (pair.response_b, pair.response_a))  # fmt: skip
+        chosen, rejected = (
+            (pair.response_a, pair.response_b) if a_wins else (pair.response_b, pair.response_a)
+        )
         prob = agg["prob_a"] if a_wins else 1 - agg["prob_a"]
-        rows.append({
-            "prompt": pair.prompt,
-            "chosen": chosen,
-            "rejected": rejected,
-            "prob_chosen": prob,
-            "tie": bool(agg["tie"]),
-            "rater_id": ",".join(names.get(lab.rater_id, str(lab.rater_id)) for lab in labs),
-            "source": "human",
-            "metadata": {
-                "campaign": campaign.name,
-                "pair_id": pair.id,
-                "votes": agg["votes"],
-                "raters": [names.get(lab.rater_id, str(lab.rater_id)) for lab in labs],
-                "flags": sorted({f for lab in labs for f in lab.flags}),
-                "models": {"chosen": pair.source_a if a_wins else pair.source_b,
-                           "rejected": pair.source_b if a_wins else pair.source_a},
-            },
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": pair.prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "prob_chosen": prob,
+                "tie": bool(agg["tie"]),
+                "rater_id": ",".join(names.get(lab.rater_id, str(lab.rater_id)) for lab in labs),
+                "source": "human",
+                "metadata": {
+                    "campaign": campaign.name,
+                    "pair_id": pair.id,
+                    "votes": agg["votes"],
+                    "raters": [names.get(lab.rater_id, str(lab.rater_id)) for lab in labs],
+                    "flags": sorted({f for lab in labs for f in lab.flags}),
+                    "models": {
+                        "chosen": pair.source_a if a_wins else pair.source_b,
+                        "rejected": pair.source_b if a_wins else pair.source_a,
+                    },
+                },
+            }
+        )
     return rows

@@ -69,9 +69,17 @@ def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     run = lambda *a: subprocess.run([*prefix, *a], check=True, capture_output=True, text=True)  # noqa: E731
     run(str(bindir / "initdb"), "-D", str(data), "-U", "palate", "--auth=trust", "-E", "UTF8")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-w",
+        "-l",
+        str(root / "log"),
+        "-o",
         f"-k {sock} -p {port} -c listen_addresses='' -c fsync=on -c max_connections=200",
-        "start")  # fmt: skip
+        "start",
+    )
     try:
         yield f"postgresql+psycopg://palate@/{{db}}?host={sock}&port={port}"
     finally:

@@ -20,20 +20,33 @@ def setup(db_url: str):
         _, invite, rater_token = create_user(db, "rita", "rater", password="pw-rita")
         _, _, other_token = create_user(db, "otto", "rater")
         admin_token = None
-        pairs = [PairIn(prompt=[{"role": "user", "content": f"q{i}"}], response_a=f"A{i}",
-                        response_b=f"B{i}") for i in range(3)]  # fmt: skip
-        pairs.append(PairIn(prompt="xss?", response_a="<script>alert(1)</script>",
-                            response_b="<b>bold</b>"))  # fmt: skip
+        pairs = [
+            PairIn(
+                prompt=[{"role": "user", "content": f"q{i}"}],
+                response_a=f"A{i}",
+                response_b=f"B{i}",
+            )
+            for i in range(3)
+        ]
+        pairs.append(
+            PairIn(prompt="xss?", response_a="<script>alert(1)</script>", response_b="<b>bold</b>")
+        )
         camp = create_campaign(db, "camp", pairs, overlap=2, guidelines="# Be *kind*\n<i>x</i>")
-    return app, {"camp": camp.id, "invite": invite, "rater": rater_token, "other": other_token,
-                 "admin": admin_token}  # fmt: skip
+    return app, {
+        "camp": camp.id,
+        "invite": invite,
+        "rater": rater_token,
+        "other": other_token,
+        "admin": admin_token,
+    }
 
 
 def login(client: TestClient, name: str, password: str) -> None:
     page = client.get("/login").text
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
-    r = client.post("/login", data={"name": name, "password": password, "csrf": csrf},
-                    follow_redirects=False)  # fmt: skip
+    r = client.post(
+        "/login", data={"name": name, "password": password, "csrf": csrf}, follow_redirects=False
+    )
     assert r.status_code == 303, r.text
 
 
@@ -73,11 +86,16 @@ def test_form_post_without_csrf_fails(setup) -> None:
     aid = re.search(r'name="assignment_id" value="(\d+)"', page).group(1)
     r = c.post(f"/campaigns/{ids['camp']}/rate", data={"assignment_id": aid, "answer": "a"})
     assert r.status_code == 403
-    r = c.post(f"/campaigns/{ids['camp']}/rate",
-               data={"assignment_id": aid, "answer": "a", "csrf": "forged"})  # fmt: skip
+    r = c.post(
+        f"/campaigns/{ids['camp']}/rate",
+        data={"assignment_id": aid, "answer": "a", "csrf": "forged"},
+    )
     assert r.status_code == 403
-    r = c.post(f"/campaigns/{ids['camp']}/rate", follow_redirects=False,
-               data={"assignment_id": aid, "answer": "a", "csrf": csrf_of(page)})  # fmt: skip
+    r = c.post(
+        f"/campaigns/{ids['camp']}/rate",
+        follow_redirects=False,
+        data={"assignment_id": aid, "answer": "a", "csrf": csrf_of(page)},
+    )
     assert r.status_code == 303
 
 
@@ -89,9 +107,14 @@ def test_model_output_is_escaped(setup) -> None:
     for _ in range(4):
         page = c.get(f"/campaigns/{ids['camp']}/rate").text
         seen += page
-        c.post(f"/campaigns/{ids['camp']}/rate", data={
-            "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page).group(1),
-            "answer": "tie", "csrf": csrf_of(page)})  # fmt: skip
+        c.post(
+            f"/campaigns/{ids['camp']}/rate",
+            data={
+                "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page).group(1),
+                "answer": "tie",
+                "csrf": csrf_of(page),
+            },
+        )
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in seen and "<script>alert" not in seen
     assert "&lt;b&gt;bold&lt;/b&gt;" in seen
     g = c.get(f"/campaigns/{ids['camp']}/guidelines").text
@@ -107,10 +130,18 @@ def test_rater_labels_pages_until_done_with_order_recorded(setup) -> None:
         page = c.get(f"/campaigns/{ids['camp']}/rate").text
         if 'id="done"' in page:
             break
-        c.post(f"/campaigns/{ids['camp']}/rate", data={
-            "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page).group(1),
-            "answer": "a", "strength": "clearly", "flags": ["evasive"], "comment": "ok",
-            "started": "1", "csrf": csrf_of(page)})  # fmt: skip
+        c.post(
+            f"/campaigns/{ids['camp']}/rate",
+            data={
+                "assignment_id": re.search(r'name="assignment_id" value="(\d+)"', page).group(1),
+                "answer": "a",
+                "strength": "clearly",
+                "flags": ["evasive"],
+                "comment": "ok",
+                "started": "1",
+                "csrf": csrf_of(page),
+            },
+        )
         n += 1
     assert n == 4  # each pair once for this rater
 
@@ -126,18 +157,32 @@ def test_api_flow_and_permissions(setup) -> None:
     job = r.json()
     assert set(job) >= {"assignment_id", "prompt", "a", "b", "answers"}
     # another rater cannot label it, nor export
-    assert c.post(f"/api/v1/assignments/{job['assignment_id']}/label", headers=other,
-                  json={"answer": "a"}).status_code == 403  # fmt: skip
+    assert (
+        c.post(
+            f"/api/v1/assignments/{job['assignment_id']}/label", headers=other, json={"answer": "a"}
+        ).status_code
+        == 403
+    )
     assert c.get(f"/api/v1/campaigns/{cid}/export", headers=h).status_code == 403
-    assert c.post(f"/api/v1/assignments/{job['assignment_id']}/label", headers=h,
-                  json={"answer": "maybe"}).status_code == 400  # fmt: skip
+    assert (
+        c.post(
+            f"/api/v1/assignments/{job['assignment_id']}/label", headers=h, json={"answer": "maybe"}
+        ).status_code
+        == 400
+    )
     done = 0
     for token in (ids["rater"], ids["other"]):
         hh = {"Authorization": f"Bearer {token}"}
         while (r := c.post(f"/api/v1/campaigns/{cid}/next", headers=hh)).status_code == 200:
             j = r.json()
-            assert c.post(f"/api/v1/assignments/{j['assignment_id']}/label", headers=hh,
-                          json={"answer": "a" if "A" in j["a"] else "b"}).status_code == 200  # fmt: skip
+            assert (
+                c.post(
+                    f"/api/v1/assignments/{j['assignment_id']}/label",
+                    headers=hh,
+                    json={"answer": "a" if "A" in j["a"] else "b"},
+                ).status_code
+                == 200
+            )
             done += 1
     assert done == 8  # 4 pairs x overlap 2
     prog = c.get(f"/api/v1/campaigns/{cid}/progress", headers=h).json()

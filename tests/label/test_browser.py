@@ -46,8 +46,13 @@ def pairs_file(path: Path, n: int = 6) -> None:
     for i in range(n):
         good = f"{WORDS[i % 8]} banana {WORDS[(i + 3) % 8]}"
         bad = f"{WORDS[(i + 1) % 8]} {WORDS[(i + 5) % 8]} <script>window.pwned=1</script>"
-        rows.append({"prompt": [{"role": "user", "content": f"Say something nice #{i}"}],
-                     "response_a": good if i % 2 else bad, "response_b": bad if i % 2 else good})  # fmt: skip
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Say something nice #{i}"}],
+                "response_a": good if i % 2 else bad,
+                "response_b": bad if i % 2 else good,
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -64,10 +69,12 @@ def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
     proc, url = start_server(db)
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox"])  # fmt: skip
-            admin = browser.new_context(viewport={"width": 1200, "height": 900},
-                                        accept_downloads=True).new_page()  # fmt: skip
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+            )
+            admin = browser.new_context(
+                viewport={"width": 1200, "height": 900}, accept_downloads=True
+            ).new_page()
             admin.goto(url + "/")
             admin.fill("input[name=name]", "admin")
             admin.fill("input[name=password]", "admin-pw")
@@ -127,8 +134,18 @@ def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
     from palate.config import load_config
     from palate.reward import RewardConfig, train_reward
 
-    cfg = load_config(RewardConfig, None, ["model=tiny", f"data={export}", "eval_fraction=0",
-                                           f"output_dir={tmp_path / 'rm'}", "train.max_steps=2",
-                                           "max_length=48", "train.precision=fp32"])  # fmt: skip
+    cfg = load_config(
+        RewardConfig,
+        None,
+        [
+            "model=tiny",
+            f"data={export}",
+            "eval_fraction=0",
+            f"output_dir={tmp_path / 'rm'}",
+            "train.max_steps=2",
+            "max_length=48",
+            "precision=fp32",
+        ],
+    )
     summary = train_reward(cfg)
     assert summary["train_pairs"] == 6 and Path(summary["final"]).is_dir()

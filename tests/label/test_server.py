@@ -28,8 +28,9 @@ def free_port() -> int:
 def start_server(db: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PALATE_SECRET_KEY="k")
-    proc = subprocess.Popen([sys.executable, "-m", "palate.cli", "serve", "--db", db,
-                             "--port", str(port)], env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "palate.cli", "serve", "--db", db, "--port", str(port)], env=env
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -44,9 +45,15 @@ def start_server(db: str) -> tuple[subprocess.Popen, str]:
 def make_campaign(db: str, n_pairs: int, overlap: int, n_raters: int) -> tuple[int, list[str]]:
     factory = open_db(db)
     with factory() as s:
-        camp = create_campaign(s, "c", [PairIn(prompt=f"q{i}", response_a=f"a{i}",
-                                               response_b=f"b{i}") for i in range(n_pairs)],
-                               overlap=overlap)  # fmt: skip
+        camp = create_campaign(
+            s,
+            "c",
+            [
+                PairIn(prompt=f"q{i}", response_a=f"a{i}", response_b=f"b{i}")
+                for i in range(n_pairs)
+            ],
+            overlap=overlap,
+        )
         tokens = [create_user(s, f"r{i}")[2] for i in range(n_raters)]
     return camp.id, tokens
 
@@ -99,9 +106,11 @@ def test_50_concurrent_raters_fill_500_pairs_exactly(db_url: str) -> None:
         assert s.scalar(select(func.count(Label.id))) == 1500 == len(done)
         per_pair = s.execute(select(Label.pair_id, func.count()).group_by(Label.pair_id)).all()
         assert len(per_pair) == 500 and all(n == 3 for _, n in per_pair)
-        dup = s.execute(select(Label.pair_id, Label.rater_id, func.count())
-                        .group_by(Label.pair_id, Label.rater_id)
-                        .having(func.count() > 1)).all()  # fmt: skip
+        dup = s.execute(
+            select(Label.pair_id, Label.rater_id, func.count())
+            .group_by(Label.pair_id, Label.rater_id)
+            .having(func.count() > 1)
+        ).all()
         assert dup == []
         assert all(p.n_assigned == 3 for p in s.scalars(select(Pair)))
 
@@ -113,8 +122,10 @@ def test_sigkill_loses_no_acknowledged_label(db_url: str) -> None:
     proc, url = start_server(db)
     done: list[int] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=rater_loop, args=(url, cid, t, done, stop), daemon=True)
-               for t in tokens]  # fmt: skip
+    threads = [
+        threading.Thread(target=rater_loop, args=(url, cid, t, done, stop), daemon=True)
+        for t in tokens
+    ]
     for t in threads:
         t.start()
     while len(done) < 150:

@@ -32,8 +32,10 @@ def db(db_url: str):
 
 
 def pairs(n: int) -> list[PairIn]:
-    return [PairIn(prompt=f"question {i}", response_a=f"good {i}", response_b=f"bad {i}")
-            for i in range(n)]  # fmt: skip
+    return [
+        PairIn(prompt=f"question {i}", response_a=f"good {i}", response_b=f"bad {i}")
+        for i in range(n)
+    ]
 
 
 def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None:
@@ -142,8 +144,10 @@ def test_label_commands_create_export_user(tmp_path: Path) -> None:
 
     db = str(tmp_path / "cli.db")
     pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text('{"prompt": "hi", "response_a": "x", "response_b": "y"}\n'
-                          '{"prompt": "yo", "chosen": "c", "rejected": "r"}\n')  # fmt: skip
+    pairs_file.write_text(
+        '{"prompt": "hi", "response_a": "x", "response_b": "y"}\n'
+        '{"prompt": "yo", "chosen": "c", "rejected": "r"}\n'
+    )
     user = add_label_user(LabelUserConfig(db=db, name="admin", role="admin"))
     assert user["api_token"] and user["invite_path"].startswith("/invite/")
     made = create_label_campaign(LabelCreateConfig(db=db, name="p", pairs=str(pairs_file)))
@@ -167,9 +171,16 @@ def test_campaign_from_model_samples(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Say hi"}\n{"prompt": "Name a colour"}\n')
     db = str(tmp_path / "s.db")
-    made = create_label_campaign(LabelCreateConfig(
-        db=db, name="sampled", prompts=str(prompts), model="tiny", samples_per_prompt=4,
-        max_new_tokens=5))  # fmt: skip
+    made = create_label_campaign(
+        LabelCreateConfig(
+            db=db,
+            name="sampled",
+            prompts=str(prompts),
+            model="tiny",
+            samples_per_prompt=4,
+            max_new_tokens=5,
+        )
+    )
     assert made["pairs"] == 4  # 2 prompts x 4 samples / 2
     with open_db(db)() as s:
         rows = list(s.scalars(select(Pair)))
@@ -194,8 +205,12 @@ def test_dashboard_statistics_hand_computed(db) -> None:
             a = next_assignment(db, camp, r)
             want = table[r_i][a.pair_id - 1]
             shown = flip(want, a.swapped)
-            submit_label(db, a, r, LabelIn(answer=shown, seconds=2.0 + r_i,
-                                           flags=["evasive"] if r_i == 2 else []))  # fmt: skip
+            submit_label(
+                db,
+                a,
+                r,
+                LabelIn(answer=shown, seconds=2.0 + r_i, flags=["evasive"] if r_i == 2 else []),
+            )
     st = campaign_stats(db, camp)
     # pair1: a,a,b → 1 of 3 rater pairs agree; pair2: a,b,b → 1/3; pair3: a,a,tie → 1/3
     assert st["pairwise_agreement"] == pytest.approx(3 / 9)

@@ -72,7 +72,7 @@ def upgrade() -> None:
             sa.ForeignKey("assignments.id"),
             nullable=False,
             unique=True,
-        ),  # fmt: skip
+        ),
         sa.Column("pair_id", sa.Integer, sa.ForeignKey("pairs.id"), nullable=False),
         sa.Column("rater_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False),
         sa.Column("answer", sa.String(16), nullable=False),

@@ -78,8 +78,15 @@ def generate_responses(
             chunk = [prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
             input_ids, attention = pad_batch(chunk, pad)
             width = input_ids.shape[1]
-            seqs = _sample(model, input_ids.to(device), attention.to(device), sampling,
-                           autocast(device, precision), pad, eos)  # fmt: skip
+            seqs = _sample(
+                model,
+                input_ids.to(device),
+                attention.to(device),
+                sampling,
+                autocast(device, precision),
+                pad,
+                eos,
+            )
             for row in seqs[:, width:].tolist():
                 finished = eos in row
                 ids = row[: row.index(eos) + 1] if finished else row
@@ -123,14 +130,21 @@ class RolloutEngine(Protocol):
         """Sample one response per query."""
 
 
-def _sample(model: Any, q: torch.Tensor, qm: torch.Tensor, s: SamplingConfig, autocast_ctx: Any,
-            pad: int, eos: int) -> torch.Tensor:  # fmt: skip
+def _sample(
+    model: Any,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    s: SamplingConfig,
+    autocast_ctx: Any,
+    pad: int,
+    eos: int,
+) -> torch.Tensor:
     greedy = s.temperature == 0
     model.eval()
     with torch.no_grad(), autocast_ctx:
         return model.generate(
-            input_ids=q,
-            attention_mask=qm,
+            input_ids=query_ids,
+            attention_mask=query_mask,
             max_new_tokens=s.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else s.temperature,
@@ -141,27 +155,48 @@ def _sample(model: Any, q: torch.Tensor, qm: torch.Tensor, s: SamplingConfig, au
         )
 
 
-class PolicyEngine:
+class _GenerateEngine:
+    """Samples with transformers' ``generate`` on ``self.model`` (its train/eval mode restored)."""
+
+    model: Any
+    _autocast: Callable[[], Any]
+
+    def generate(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        *,
+        pad_token_id: int,
+        eos_token_id: int,
+    ) -> torch.Tensor:
+        was = self.model.training
+        try:
+            return _sample(
+                self.model,
+                query_ids,
+                query_mask,
+                sampling,
+                self._autocast(),
+                pad_token_id,
+                eos_token_id,
+            )
+        finally:
+            self.model.train(was)
+
+
+class PolicyEngine(_GenerateEngine):
     """Samples with the training policy itself (no extra memory)."""
 
     def __init__(self, autocast_factory: Callable[[], Any]):
         self._autocast = autocast_factory
-        self._policy: Any = None
+        self.model = None
 
     def sync(self, policy: torch.nn.Module) -> None:
-        self._policy = policy
-
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingConfig,
-                 *, pad_token_id: int, eos_token_id: int) -> torch.Tensor:  # fmt: skip
-        was = self._policy.training
-        try:
-            return _sample(self._policy, query_ids, query_mask, sampling, self._autocast(),
-                           pad_token_id, eos_token_id)  # fmt: skip
-        finally:
-            self._policy.train(was)
+        self.model = policy
 
 
-class MergedCopyEngine:
+class MergedCopyEngine(_GenerateEngine):
     """Samples with an inference copy of the policy: LoRA merged in, frozen linears in bf16.
 
     Generation runs one token at a time, so per-call overheads dominate: unmerged LoRA adds two
@@ -171,14 +206,14 @@ class MergedCopyEngine:
     ``W + scale·B·A`` computed in fp32.
     """
 
-    def __init__(self, policy: torch.nn.Module, precision: str,
-                 autocast_factory: Callable[[], Any]):  # fmt: skip
+    def __init__(
+        self, policy: torch.nn.Module, precision: str, autocast_factory: Callable[[], Any]
+    ):
         import copy
 
         from palate.training import store_frozen_linears
 
         self._autocast = autocast_factory
-        self._precision = precision
         src = _unwrap(policy)
         self._lora = hasattr(src, "merge_and_unload")
         if self._lora:
@@ -211,11 +246,6 @@ class MergedCopyEngine:
             mine = dict(self.model.named_parameters())
             for name, p in src.named_parameters():
                 mine[name].copy_(p.detach().to(mine[name].dtype))
-
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, sampling: SamplingConfig,
-                 *, pad_token_id: int, eos_token_id: int) -> torch.Tensor:  # fmt: skip
-        return _sample(self.model, query_ids, query_mask, sampling, self._autocast(),
-                       pad_token_id, eos_token_id)  # fmt: skip
 
 
 def _unwrap(model: Any) -> Any:

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from palate.generation import MergedCopyEngine, PolicyEngine, SamplingConfig
+from palate.sampling import MergedCopyEngine, PolicyEngine, SamplingConfig
 from palate.training import LoraSettings, apply_lora
 
 

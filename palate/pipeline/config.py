@@ -1,0 +1,166 @@
+"""The config of ``palate run``: every stage of the loop in one file.
+
+The stage sections reuse the stage configs' *recipes* (:class:`~palate.sft.SFTRecipe`,
+:class:`~palate.reward.RewardRecipe`, :class:`~palate.ppo.PPORecipe`): every field of
+``palate sft``/``reward train``/``ppo`` but the inputs and output directory, which the run
+supplies.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from palate.config import Config
+from palate.label.people import PeopleSettings
+from palate.ppo.config import PPORecipe, RewardShaping
+from palate.reward.config import RewardRecipe
+from palate.sampling import SamplingConfig
+from palate.sft.config import SFTRecipe
+from palate.simulate import GoldConfig, PanelConfig
+
+__all__ = [
+    "EvalSettings",
+    "PairSettings",
+    "PromptSettings",
+    "RaterSettings",
+    "RunConfig",
+    "RunPPO",
+    "RunReward",
+    "RunSFT",
+]
+
+
+# --------------------------------------------------------------------------- config
+
+
+class PromptSettings(Config):
+    """Where prompts come from and how they are split."""
+
+    file: str = Field(description="Prompts JSONL (any palate data file or HH-RLHF transcripts).")
+    eval_prompts: int = Field(
+        64, ge=1, description="Prompts held out (seeded) for the final evaluation."
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Use at most this many training prompts (after the hold-out)."
+    )
+    max_tokens: int | None = Field(
+        128, ge=8, description="Drop prompts longer than this many tokens (null = keep all)."
+    )
+
+
+class PairSettings(Config):
+    """Sampling the A/B pairs raters compare."""
+
+    prompts: int = Field(64, ge=1, description="Training prompts answered for pairs.")
+    samples_per_prompt: int = Field(2, ge=2, description="k responses sampled per prompt.")
+    pairing: Literal["all", "disjoint"] = Field(
+        "all",
+        description="all: every two of a prompt's k responses form a pair, k(k-1)/2 pairs (as "
+        "InstructGPT turned rankings of K into comparisons; more labels per generated token); "
+        "disjoint: k/2 pairs, each response in one.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0),
+        description="How the responses are sampled.",
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+
+class RaterSettings(Config):
+    """Who labels the pairs."""
+
+    kind: Literal["simulated", "people", "file"] = Field(
+        "simulated",
+        description="simulated (a panel driven by the gold preference), people (the labeling "
+        "app) or file (existing comparisons).",
+    )
+    overlap: int = Field(3, ge=1, description="Raters per pair (simulated and people).")
+    db: str | None = Field(
+        None, description="Labels database URL or SQLite path (default: RUN/labels/labels.db)."
+    )
+    panel: PanelConfig = Field(
+        default_factory=PanelConfig, description="Simulated panel (noise, biases, raters)."
+    )
+    people: PeopleSettings = Field(default_factory=PeopleSettings, description="People.")
+    file: str | None = Field(None, description="kind=file: comparisons JSONL to train on.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RaterSettings:
+        if self.kind == "file" and not self.file:
+            raise ValueError("raters.kind=file needs raters.file")
+        if self.kind == "simulated" and self.overlap > self.panel.raters:
+            raise ValueError("raters.overlap is larger than raters.panel.raters")
+        if self.kind == "people" and self.overlap > len(self.people.raters):
+            raise ValueError("raters.overlap is larger than the number of raters.people.raters")
+        return self
+
+
+class RunSFT(SFTRecipe):
+    """The optional SFT stage (``palate sft`` fields; the output directory is the run's)."""
+
+    model: str | None = Field(None, description="Default: the run's model.")
+
+
+class RunReward(RewardRecipe):
+    """The reward-model stage (``palate reward train`` fields; the comparisons and the output
+    directory are the run's)."""
+
+    split_by: Literal["comparison", "prompt"] = Field(
+        "prompt", description="Held-out accuracy on whole prompts (k samples → several pairs each)."
+    )
+
+
+class RunPPO(PPORecipe):
+    """The PPO stage (``palate ppo`` fields; the policy, prompts, reward model and output
+    directory are the run's)."""
+
+    reward: RewardShaping = Field(
+        default_factory=RewardShaping, description="Reward shaping (the model is the run's)."
+    )
+    sample_every: int = Field(1, ge=1, description="Write rollouts every N updates.")
+    keep_checkpoints: int = Field(
+        100, ge=1, description="Checkpoints kept (evaluated along training by the eval stage)."
+    )
+
+
+class EvalSettings(Config):
+    """Final vs initial policy on held-out prompts, and along PPO checkpoints."""
+
+    sampling: SamplingConfig | None = Field(
+        None, description="Sampling for evaluation (default: PPO's rollout sampling)."
+    )
+    checkpoints: bool = Field(
+        True, description="Also evaluate every kept PPO checkpoint (gold vs proxy along PPO)."
+    )
+    checkpoint_prompts: int = Field(
+        32, ge=1, description="Held-out prompts used for each intermediate checkpoint."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    seed: int = Field(0, description="Sampling seed (both policies see the same random stream).")
+
+
+class RunConfig(Config):
+    """Config for ``palate run``: every stage of the loop in one file."""
+
+    output_dir: str = Field(description="Run directory; each stage writes a subfolder.")
+    model: str = Field(
+        "smollm2-135m-instruct", description="Initial policy (before the optional SFT)."
+    )
+    seed: int = Field(0, description="Seed of the prompt split and pair sampling.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Sampling precision for pairs and evaluation (auto: bf16 on CPU)."
+    )
+    prompts: PromptSettings = Field(description="Prompts.")
+    sft: RunSFT | None = Field(None, description="Optional SFT stage (omit to skip it).")
+    pairs: PairSettings = Field(default_factory=PairSettings, description="Pairs to label.")
+    raters: RaterSettings = Field(default_factory=RaterSettings, description="Raters.")
+    gold: GoldConfig = Field(
+        default_factory=GoldConfig,
+        description="The gold preference: drives simulated raters, judges the evaluation; "
+        "never shown to the reward model.",
+    )
+    reward: RunReward = Field(default_factory=RunReward, description="Reward model stage.")
+    ppo: RunPPO = Field(default_factory=RunPPO, description="PPO stage.")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation stage.")

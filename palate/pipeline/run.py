@@ -1,0 +1,165 @@
+"""One ``palate run``'s bookkeeping: stage folders, settings fingerprints, done/partial/stale."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from palate.data import prompt_json, prompt_text, read_records, write_jsonl
+from palate.errors import DataError
+from palate.label.people import PeopleSettings
+from palate.pipeline.config import RunConfig
+from palate.rundir import RunDir
+from palate.training import resolve_precision
+
+__all__ = ["STAGES", "Run", "WaitingForLabels"]
+
+STAGES = ("sft", "pairs", "labels", "reward", "ppo", "eval", "report")
+
+
+class WaitingForLabels(Exception):
+    """The people campaign is not complete and ``raters.people.wait`` is false."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _dump(model: Any) -> Any:
+    return model.model_dump(mode="json") if model is not None else None
+
+
+class Run:
+    """Paths, fingerprints and shared state of one ``palate run``."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir)
+        self.fingerprints: dict[str, str] = {}
+        prev = ""
+        for stage in STAGES:
+            if stage == "sft" and cfg.sft is None:
+                continue
+            blob = json.dumps(
+                {"stage": stage, "settings": self._settings(stage), "up": prev},
+                sort_keys=True,
+                default=str,
+            )
+            prev = self.fingerprints[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _settings(self, stage: str) -> Any:
+        c = self.cfg
+        if stage == "sft":
+            return {"model": c.model, "sft": _dump(c.sft)}
+        if stage == "pairs":
+            return {
+                "model": c.model,
+                "seed": c.seed,
+                "prompts": _dump(c.prompts),
+                "pairs": _dump(c.pairs),
+            }
+        if stage == "labels":
+            r = _dump(c.raters)
+            for k in PeopleSettings.SERVING:
+                r["people"].pop(k)  # serving details do not change the labels
+            return {"raters": r, "gold": _dump(c.gold) if c.raters.kind == "simulated" else None}
+        if stage == "reward":
+            return _dump(c.reward)
+        if stage == "ppo":
+            return _dump(c.ppo)
+        if stage == "eval":
+            return {"eval": _dump(c.eval), "gold": _dump(c.gold), "precision": c.precision}
+        return {}
+
+    def dir(self, stage: str) -> Path:
+        """The stage's folder (``RUN/<stage>``)."""
+        return self.root / stage
+
+    @property
+    def policy(self) -> str:
+        """The initial policy: SFT's output, or the configured model."""
+        return str(self.dir("sft") / "final") if self.cfg.sft is not None else self.cfg.model
+
+    @property
+    def db_url(self) -> str:
+        return self.cfg.raters.db or str(self.dir("labels") / "labels.db")
+
+    @property
+    def campaign(self) -> str:
+        return f"{self.root.name}-{self.fingerprints['labels'][:8]}"
+
+    def precision(self) -> str:
+        return resolve_precision(self.cfg.precision)
+
+    def prepare_prompts(self) -> tuple[Path, Path]:
+        """Split the prompts once (seeded): RUN/prompts/{train,eval}.jsonl."""
+        cfg = self.cfg.prompts
+        d = self.root / "prompts"
+        train, held = d / "train.jsonl", d / "eval.jsonl"
+        meta = d / "split.json"
+        key = json.dumps(
+            {"prompts": _dump(cfg), "seed": self.cfg.seed, "model": self.cfg.model}, sort_keys=True
+        )
+        if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+            return train, held
+        from palate.formatting import prompt_ids
+        from palate.models import load_tokenizer
+
+        prompts = [r.prompt for r in read_records(cfg.file, "prompts").records]
+        seen: set[str] = set()
+        unique = []
+        for p in prompts:
+            k = prompt_text(p)
+            if k not in seen:
+                seen.add(k)
+                unique.append(p)
+        if cfg.max_tokens is not None:
+            tok = load_tokenizer(self.cfg.model)
+            unique = [p for p in unique if len(prompt_ids(tok, p)) <= cfg.max_tokens]
+        random.Random(self.cfg.seed).shuffle(unique)
+        if len(unique) < cfg.eval_prompts + 8:
+            raise DataError(
+                f"{cfg.file}: {len(unique)} usable prompts (unique, ≤ prompts.max_tokens tokens); "
+                f"need prompts.eval_prompts ({cfg.eval_prompts}) + at least 8 for training"
+            )
+        held_p, train_p = unique[: cfg.eval_prompts], unique[cfg.eval_prompts :][: cfg.max_prompts]
+
+        write_jsonl(train, [{"prompt": prompt_json(p)} for p in train_p])
+        write_jsonl(held, [{"prompt": prompt_json(p)} for p in held_p])
+        meta.write_text(json.dumps({"key": key, "train": len(train_p), "eval": len(held_p)}) + "\n")
+        return train, held
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def state(self, stage: str) -> str:
+        """``done``, ``partial`` (same settings, interrupted), ``stale`` or ``new``."""
+        d = self.dir(stage)
+        marker = d / "stage.json"
+        if not marker.is_file():
+            return "stale" if d.exists() and any(d.iterdir()) else "new"
+        if json.loads(marker.read_text()).get("fingerprint") != self.fingerprints[stage]:
+            return "stale"
+        return "done" if RunDir(d).is_complete() else "partial"
+
+    def clear(self, stage: str) -> None:
+        """Remove a stage's outputs (a labels database is kept: it may hold people's work; so are
+        the raters' links and tokens for it)."""
+        d = self.dir(stage)
+        if not d.exists():
+            return
+        for child in d.iterdir():
+            if stage == "labels" and (
+                child.name.startswith("labels.db") or child.name == "raters.json"
+            ):
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def begin(self, stage: str) -> None:
+        """Mark the stage as started with the current settings."""
+        d = self.dir(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "stage.json").write_text(json.dumps({"fingerprint": self.fingerprints[stage]}) + "\n")

@@ -1,0 +1,342 @@
+"""The stages of ``palate run``, each a function of the :class:`~palate.pipeline.run.Run` that
+calls the library stage it names and returns its summary."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from palate.data import Prompt, prompt_json, read_records, write_jsonl
+from palate.errors import DataError
+from palate.pipeline.run import STAGES, Run, WaitingForLabels
+from palate.ppo import PPOConfig, RewardSource
+from palate.progress import progress_bar
+from palate.reward import RewardConfig
+from palate.rundir import RunDir
+from palate.sft import SFTConfig
+
+__all__ = ["STAGE_FNS", "ppo_config"]
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    return [r.prompt for r in read_records(path, "prompts").records]
+
+
+def stage_sft(run: Run) -> dict[str, Any]:
+    from palate.sft import sft
+
+    assert run.cfg.sft is not None
+    data = run.cfg.sft.model_dump()
+    data.update(model=run.cfg.sft.model or run.cfg.model, output_dir=str(run.dir("sft")))
+    return sft(SFTConfig.model_validate(data))
+
+
+def stage_pairs(run: Run) -> dict[str, Any]:
+    import torch
+
+    from palate.evaluate import load_sampler
+    from palate.label.campaign import sample_pairs
+
+    cfg = run.cfg.pairs
+    prompts = read_prompts(run.root / "prompts" / "train.jsonl")[: cfg.prompts]
+    precision = run.precision()
+    model, tok = load_sampler(run.policy, precision)
+    random.seed(run.cfg.seed)
+    torch.manual_seed(run.cfg.seed)
+    with progress_bar("pairs", total=len(prompts) * cfg.samples_per_prompt) as bar:
+        pairs, gens = sample_pairs(
+            model,
+            tok,
+            prompts,
+            cfg.sampling,
+            k=cfg.samples_per_prompt,
+            pairing=cfg.pairing,
+            source=run.policy,
+            batch_size=cfg.batch_size,
+            precision=precision,
+            on_batch=bar.advance,
+        )
+    rows = [
+        {
+            "prompt": p.prompt,
+            "response_a": p.response_a,
+            "response_b": p.response_b,
+            "source_a": p.source_a,
+            "source_b": p.source_b,
+        }
+        for p in pairs
+    ]
+    d = run.dir("pairs")
+    write_jsonl(d / "pairs.jsonl", rows)
+    summary = {
+        "stage": "pairs",
+        "pairs": len(rows),
+        "prompts": len(prompts),
+        "mean_tokens": sum(len(g.token_ids) for g in gens) / max(1, len(gens)),
+        "eos_rate": sum(g.finished for g in gens) / max(1, len(gens)),
+    }
+    RunDir(d).write_summary(summary)
+    return summary
+
+
+def run_campaign(run: Run) -> tuple[sessionmaker[Session], int]:
+    """Create (or find) the run's campaign; returns (sessionmaker, campaign id)."""
+    from palate.label.campaign import parse_pairs
+    from palate.label.db import Campaign, open_db
+    from palate.label.store import create_campaign
+
+    factory = open_db(run.db_url)
+    with factory() as db:
+        camp = db.scalar(select(Campaign).where(Campaign.name == run.campaign))
+        if camp is None:
+            pairs_file = run.dir("pairs") / "pairs.jsonl"
+            pairs = parse_pairs(pairs_file.read_text(), str(pairs_file))
+            people = run.cfg.raters.people
+            guidelines = Path(people.guidelines).read_text() if people.guidelines else ""
+            camp = create_campaign(
+                db,
+                run.campaign,
+                pairs,
+                overlap=run.cfg.raters.overlap,
+                guidelines=guidelines,
+                source=run.policy,
+            )
+        return factory, camp.id
+
+
+def stage_labels(run: Run) -> dict[str, Any]:
+    from palate.label.db import Campaign
+    from palate.label.people import (
+        announce,
+        campaign_progress,
+        ensure_accounts,
+        serve_until_complete,
+    )
+    from palate.label.stats import campaign_stats
+    from palate.label.store import export_rows
+
+    raters = run.cfg.raters
+    d = run.dir("labels")
+    out = d / "comparisons.jsonl"
+    summary: dict[str, Any] = {"stage": "labels", "raters": raters.kind}
+    if raters.kind == "file":
+        assert raters.file is not None
+        records = read_records(raters.file, "comparisons").records
+        write_jsonl(out, records)
+        summary.update(comparisons=len(records), source=raters.file)
+        RunDir(d).write_summary(summary)
+        return summary
+    factory, cid = run_campaign(run)
+    if raters.kind == "simulated":
+        from palate.simulate import gold_scorer, label_with_panel
+
+        label_with_panel(run.db_url, run.campaign, raters.panel, gold_scorer(run.cfg.gold))
+    else:
+        people = raters.people
+        accounts_file = d / "raters.json"
+        accounts = ensure_accounts(factory, accounts_file, people, cid)
+        progress = campaign_progress(factory, cid)
+        if progress["labels"] < progress["target"]:
+
+            def show(url: str) -> None:
+                announce(url, run.campaign, cid, accounts, accounts_file)
+
+            if not people.wait:
+                show(people.url())
+                raise WaitingForLabels(
+                    f"campaign {run.campaign!r}: {progress['labels']}/{progress['target']} "
+                    f"labels. Serve it with `palate serve --db {run.db_url}`, then run the same "
+                    "command again.",
+                    {"stage": "labels", "status": "waiting_for_labels", **progress},
+                )
+            serve_until_complete(
+                run.db_url, factory, cid, people, serving_file=d / "serving.json", on_url=show
+            )
+    with factory() as db:
+        camp = db.get(Campaign, cid)
+        assert camp is not None
+        rows = export_rows(db, camp)
+        stats = campaign_stats(db, camp)
+    if not rows:
+        raise DataError(f"campaign {run.campaign!r}: no usable labels (all skipped or both bad)")
+    write_jsonl(out, rows)
+    keep = ("labels", "pairwise_agreement", "krippendorff_alpha", "median_seconds")
+    summary.update(
+        campaign=run.campaign,
+        db=run.db_url,
+        comparisons=len(rows),
+        **{k: stats[k] for k in keep if k in stats},
+    )
+    RunDir(d).write_summary(summary)
+    return summary
+
+
+def stage_reward(run: Run) -> dict[str, Any]:
+    from palate.reward import train_reward
+
+    data = run.cfg.reward.model_dump()
+    data.update(
+        data=str(run.dir("labels") / "comparisons.jsonl"), output_dir=str(run.dir("reward"))
+    )
+    return train_reward(RewardConfig.model_validate(data))
+
+
+def ppo_config(run: Run) -> PPOConfig:
+    """The run's PPO stage as a plain ``palate ppo`` config."""
+    data = run.cfg.ppo.model_dump()
+    data.update(
+        model=run.policy,
+        prompts=str(run.root / "prompts" / "train.jsonl"),
+        output_dir=str(run.dir("ppo")),
+    )
+    data["reward"]["model"] = str(run.dir("reward") / "final")
+    return PPOConfig.model_validate(data)
+
+
+def stage_ppo(run: Run, stop_after: int | None = None) -> dict[str, Any]:
+    from palate.ppo import ppo
+
+    return ppo(ppo_config(run), stop_after=stop_after)
+
+
+def stage_eval(run: Run) -> dict[str, Any]:
+    import torch
+
+    from palate.evaluate import (
+        checkpoint_policy,
+        compare,
+        evaluate_policy,
+        load_sampler,
+        rollout_curve,
+    )
+    from palate.ppo import load_score_fn
+    from palate.reward import RewardModelScorer
+    from palate.simulate import gold_scorer
+    from palate.training import store_frozen_linears
+
+    cfg = run.cfg.eval
+    precision = run.precision()
+    sampling = cfg.sampling or run.cfg.ppo.sampling
+    prompts = read_prompts(run.root / "prompts" / "eval.jsonl")
+    gold = gold_scorer(run.cfg.gold)
+    proxy = load_score_fn(
+        RewardSource(model=str(run.dir("reward") / "final")), torch.device("cpu"), precision
+    )
+    assert isinstance(proxy, RewardModelScorer)
+    for module in proxy.reward_model.modules():
+        store_frozen_linears(module, precision)
+    initial, tok = load_sampler(run.policy, precision)
+    ckpts = RunDir(run.dir("ppo")).complete_checkpoints()[:-1] if cfg.checkpoints else []
+    n_ck = min(cfg.checkpoint_prompts, len(prompts))
+    total = 2 * len(prompts) + len(ckpts) * n_ck
+    kw: dict[str, Any] = {
+        "gold": gold,
+        "proxy": proxy,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+    }
+    with progress_bar("eval", total=total) as bar:
+        kw["on_batch"] = bar.advance
+        old = evaluate_policy(initial, tok, prompts, sampling, **kw)
+        final, _ = load_sampler(str(run.dir("ppo") / "final"), precision)
+        new = evaluate_policy(final, tok, prompts, sampling, reference=initial, **kw)
+        points = [{"update": 0, "kl": 0.0, **old.means(n_ck)}]
+        for ck in ckpts:
+            model = checkpoint_policy(ck, run.policy, precision)
+            scored = evaluate_policy(model, tok, prompts[:n_ck], sampling, reference=initial, **kw)
+            points.append({"update": int(ck.name.split("-")[1]), **scored.means(n_ck)})
+            del model
+    points.append({"update": run.cfg.ppo.ppo.updates, **new.means(n_ck)})
+    result = compare(new, old, seed=cfg.seed)
+    d = run.dir("eval")
+    write_jsonl(
+        d / "samples.jsonl",
+        [
+            {**s, "prompt": prompt_json(s["prompt"]), "length_new": a, "length_old": b}
+            for s, a, b in zip(
+                result.pop("samples"), new.samples.lengths, old.samples.lengths, strict=True
+            )
+        ],
+    )
+    write_jsonl(d / "checkpoints.jsonl", points)
+    write_jsonl(d / "rollouts.jsonl", rollout_curve(run.dir("ppo") / "samples", gold))
+    kl_target = run.cfg.ppo.kl.target if run.cfg.ppo.kl.adaptive else None
+    summary = {"stage": "eval", **result, "kl_target": kl_target}
+    RunDir(d).write_summary(summary)
+    return summary
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file the run wrote (none if it is missing)."""
+    import json
+
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_report(run: Run) -> dict[str, Any]:
+    from palate.report import build_report
+
+    eval_dir = run.dir("eval")
+    summary = RunDir(eval_dir).read_summary()
+    samples = read_jsonl(eval_dir / "samples.jsonl")
+    stages = {
+        s: RunDir(run.dir(s)).read_summary()
+        for s in STAGES[:-2]
+        if RunDir(run.dir(s)).is_complete()
+    }
+    path = build_report(
+        run.dir("report") / "report.html",
+        title=f"palate run: {run.root.name}",
+        summary=summary,
+        stages=stages,
+        ppo_metrics=RunDir(run.dir("ppo")).metrics(),
+        checkpoints=read_jsonl(eval_dir / "checkpoints.jsonl"),
+        rollouts=read_jsonl(eval_dir / "rollouts.jsonl"),
+        lengths_initial=[s["length_old"] for s in samples],
+        lengths_final=[s["length_new"] for s in samples],
+        samples=samples,
+        notes=gold_note(run),
+    )
+    out = {"stage": "report", "report": str(path)}
+    RunDir(run.dir("report")).write_summary(out)
+    return out
+
+
+def gold_note(run: Run) -> str:
+    """The gold preference in words, for the report."""
+    g = run.cfg.gold
+    if g.reward_model:
+        return f"Gold preference: the reward model at {g.reward_model}."
+    r = g.rubric
+    parts = [
+        f"closeness to {r.length_target} words (×{r.length_weight:g})",
+        f"VADER sentiment (×{r.sentiment_weight:g})",
+        f"relevance to the prompt (×{r.relevance_weight:g})",
+    ]
+    if r.keywords:
+        parts.append(f"keywords {', '.join(r.keywords)} (×{r.keyword_weight:g})")
+    parts.append(
+        f"minus refusals (×{r.refusal_weight:g}), repeated trigrams "
+        f"(×{r.repetition_weight:g}), trigrams copied from the prompt "
+        f"(×{r.echo_weight:g}) and cut-off endings (×{r.truncation_penalty:g})"
+    )
+    return "Gold preference (rubric, never shown to the reward model): " + "; ".join(parts) + "."
+
+
+STAGE_FNS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "sft": stage_sft,
+    "pairs": stage_pairs,
+    "labels": stage_labels,
+    "reward": stage_reward,
+    "ppo": stage_ppo,
+    "eval": stage_eval,
+    "report": stage_report,
+}

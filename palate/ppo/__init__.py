@@ -1,0 +1,53 @@
+"""Step 4 — PPO against the reward model, on a KL leash.
+
+One update reads like the paper (:meth:`PPOTrainer.step`):
+
+    sample → score → KL-penalised reward → advantages → clipped update → log → adapt KL
+
+Where things are:
+
+* :mod:`palate.ppo.trainer` — :class:`PPOTrainer` (rollouts, the update, checkpoints) and
+  :func:`ppo` (``palate ppo CONFIG.yaml``).
+* :mod:`palate.ppo_math` — the maths as pure functions: the KL penalty
+  (:func:`~palate.ppo_math.penalised_rewards`), GAE, the clipped losses, the KL controllers.
+* :mod:`palate.lm` — log π and V from one forward (:func:`~palate.lm.policy_forward`).
+* :mod:`palate.ppo.critic` — the value head and the separate critic.
+* :mod:`palate.ppo.config` — the config.
+"""
+
+from palate.ppo.config import (
+    CriticSettings,
+    KLSettings,
+    PPOConfig,
+    PPORecipe,
+    PPOSettings,
+    RewardShaping,
+    RewardSource,
+)
+from palate.ppo.critic import SeparateCritic, ValueHead
+from palate.ppo.trainer import (
+    PPOTrainer,
+    Rollout,
+    adapters_disabled,
+    load_score_fn,
+    merged_policy,
+    ppo,
+)
+
+__all__ = [
+    "CriticSettings",
+    "KLSettings",
+    "PPOConfig",
+    "PPORecipe",
+    "PPOSettings",
+    "PPOTrainer",
+    "RewardShaping",
+    "RewardSource",
+    "Rollout",
+    "SeparateCritic",
+    "ValueHead",
+    "adapters_disabled",
+    "load_score_fn",
+    "merged_policy",
+    "ppo",
+]

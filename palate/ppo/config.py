@@ -1,0 +1,158 @@
+"""Config of ``palate ppo``.
+
+:class:`PPORecipe` is how PPO runs (everything but the policy, the prompts, the reward source and
+the output directory); :class:`PPOConfig` adds those for ``palate ppo``, and ``palate run``
+supplies them itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from palate.config import Config
+from palate.sampling import SamplingConfig
+from palate.training import LoraSettings, OptimSettings, StageConfig, StageSettings
+
+__all__ = [
+    "CriticSettings",
+    "KLSettings",
+    "PPOConfig",
+    "PPORecipe",
+    "PPOSettings",
+    "RewardShaping",
+    "RewardSource",
+]
+
+
+class RewardShaping(Config):
+    """How scores become PPO's reward: batching, missing-EOS penalty, clipping, whitening."""
+
+    batch_size: int = Field(16, ge=1, description="Sequences scored together by a reward model.")
+    missing_eos_penalty: float | None = Field(
+        None, description="Subtract this from the score of responses that never emit EOS."
+    )
+    clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
+    normalize: bool = Field(
+        False, description="Whiten scores with running mean/std across updates."
+    )
+
+
+class RewardSource(RewardShaping):
+    """Where scores come from — a palate reward model or a Python callable — and their shaping."""
+
+    model: str | None = Field(None, description="A trained reward model directory (RUN/final).")
+    function: str | None = Field(
+        None,
+        description="Or 'module:function' taking (prompts, responses) and returning scores.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSource:
+        if (self.model is None) == (self.function is None):
+            raise ValueError("set exactly one of reward.model and reward.function")
+        return self
+
+
+class KLSettings(Config):
+    """The KL leash: per-token penalty β·KL(π_θ ‖ π_ref)."""
+
+    coef: float = Field(0.05, ge=0, description="β, the initial (or fixed) KL coefficient.")
+    adaptive: bool = Field(True, description="Adapt β toward `target` (Ziegler et al. 2019).")
+    target: float = Field(6.0, gt=0, description="Target KL per response (nats), if adaptive.")
+    horizon: int = Field(10000, ge=1, description="Adaptive controller horizon (episodes).")
+    estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token estimator used in the reward (k1 as in the papers)."
+    )
+
+
+class CriticSettings(Config):
+    """The value function V(s)."""
+
+    mode: Literal["shared", "separate"] = Field(
+        "shared",
+        description="'shared': a value head on the policy's backbone (one forward for both); "
+        "'separate': its own backbone.",
+    )
+    init: Literal["policy", "reward_model"] = Field(
+        "reward_model",
+        description="'separate' only: start from the reward model (if causal) or the policy.",
+    )
+
+
+class PPOSettings(Config):
+    """PPO hyper-parameters."""
+
+    updates: int = Field(20, ge=1, description="Number of PPO updates (rollout batches).")
+    batch_size: int = Field(8, ge=1, description="Rollouts (prompts) per update.")
+    mini_batch_size: int = Field(4, ge=1, description="Rollouts per gradient step.")
+    epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip ε.")
+    cliprange_value: float | None = Field(0.2, gt=0, description="Value clip (null = none).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    ent_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over real tokens.")
+    target_approx_kl: float | None = Field(
+        None, gt=0, description="Stop this update's epochs early when approx-KL exceeds it."
+    )
+    forward_chunks: int = Field(
+        2,
+        ge=1,
+        description="Run each forward as this many groups of rows sorted by prompt length, "
+        "each trimmed to its own padding (same maths, less padding computed).",
+    )
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of an SFT loss mixed in (PPO-ptx).")
+    ptx_data: str | None = Field(None, description="Demonstrations for the PPO-ptx loss.")
+
+
+class PPORecipe(StageSettings):
+    """How PPO runs: everything but the policy, the prompts, the reward source and the run
+    directory."""
+
+    max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+    finetune: Literal["lora", "full"] = Field(
+        "lora",
+        description="LoRA (the reference is the base with adapters off) or full (frozen copy).",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0),
+        description="Rollout sampling (log-probs use the same temperature).",
+    )
+    max_prompt_length: int = Field(256, ge=8, description="Prompts are cut from the left to this.")
+    rollout_engine: Literal["auto", "policy", "merged"] = Field(
+        "auto",
+        description="Sampler: 'policy' generates with the training policy; 'merged' with an "
+        "inference copy (LoRA merged, frozen weights in bf16; faster, one more model in memory); "
+        "'auto' = merged for LoRA or bf16, else policy.",
+    )
+    kl: KLSettings = Field(default_factory=KLSettings, description="KL penalty.")
+    critic: CriticSettings = Field(default_factory=CriticSettings, description="Critic.")
+    ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO.")
+    optim: OptimSettings = Field(
+        default_factory=lambda: OptimSettings(lr=5e-5, schedule="constant", warmup_ratio=0.0),
+        description="Optimiser (policy, value head and critic).",
+    )
+    sample_every: int = Field(5, ge=1, description="Write sample responses every N updates.")
+    checkpoint_every: int = Field(5, ge=1, description="Checkpoint every N updates.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPORecipe:
+        if self.ppo.batch_size % self.ppo.mini_batch_size:
+            raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
+        if self.ppo.ptx_coef > 0 and not self.ppo.ptx_data:
+            raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data")
+        return self
+
+
+class PPOConfig(PPORecipe, StageConfig):
+    """Config for ``palate ppo``."""
+
+    model: str = Field(
+        "smollm2-135m-instruct", description="Initial policy (usually the SFT run's final/)."
+    )
+    prompts: str = Field(description="Prompts JSONL (any palate data file; prompts are used).")
+    reward: RewardSource = Field(description="Reward model or function, and shaping.")

@@ -1,0 +1,655 @@
+"""The PPO trainer: models, optimiser, KL controller, and the update loop.
+
+One update (:meth:`PPOTrainer.step`) reads like the paper:
+
+    sample → score → KL-penalised reward → advantages → clipped update → log → adapt KL
+
+* **sample** (:meth:`PPOTrainer.rollout`): the policy answers a batch of prompts through a
+  rollout engine (KV cache, temperature, stop at EOS); one forward then gives log π_θ and V(s)
+  at every response position (:func:`palate.lm.policy_forward`), and the same forward with the
+  LoRA adapters switched off gives log π_ref (no second copy of the weights).
+* **score**: the reward model (or any ``score(prompts, responses)`` callable) scores each
+  response; a response that never emits EOS can be penalised (``reward.missing_eos_penalty``).
+* **KL-penalised reward** (:func:`palate.ppo_math.penalised_rewards`): −β·KL_t on every token,
+  plus the score on the last one.
+* **advantages** (:func:`palate.ppo_math.gae`): GAE(γ, λ), then whitened over real tokens.
+* **clipped update** (:meth:`PPOTrainer.ppo_epochs`): epochs × minibatches of the clipped
+  surrogate + clipped value loss (− entropy bonus, + optional SFT/pretraining loss), with an
+  optional early stop on approx-KL.
+* **adapt KL**: β follows a fixed value or the adaptive controller of Ziegler et al. (2019).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from palate.data import Prompt, prompt_text, read_records, write_jsonl
+from palate.errors import ConfigError
+from palate.formatting import pad_batch, prompt_ids
+from palate.lm import (
+    base_model,
+    policy_forward,
+    position_ids,
+    response_cross_entropy,
+    trimmed_by_prompt_length,
+)
+from palate.models import load_model
+from palate.ppo.config import PPOConfig, RewardSource
+from palate.ppo.critic import SeparateCritic, ValueHead
+from palate.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    gae,
+    kl_estimate,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    penalised_rewards,
+    policy_loss,
+    value_loss,
+)
+from palate.progress import console, progress_bar
+from palate.reward.model import RewardModelScorer, ScoreFn, load_reward_model
+from palate.sampling import MergedCopyEngine, PolicyEngine, RolloutEngine
+from palate.training import (
+    apply_lora,
+    autocast,
+    begin_stage,
+    build_optimizer,
+    disable_dropout,
+    epoch_order,
+    prune_checkpoints,
+    resume_training,
+    save_training_state,
+    store_frozen_linears,
+)
+
+__all__ = ["PPOTrainer", "Rollout", "adapters_disabled", "load_score_fn", "merged_policy", "ppo"]
+
+
+def ppo(
+    cfg: PPOConfig, *, score_fn: ScoreFn | None = None, stop_after: int | None = None
+) -> dict[str, Any]:
+    """``palate ppo``: run ``ppo.updates`` PPO updates; returns the summary.
+
+    ``score_fn`` overrides ``cfg.reward`` with a Python callable (rule-based rewards, remote
+    judges). ``stop_after=k`` stops after update k with a checkpoint, as if interrupted.
+    """
+    return PPOTrainer(cfg, score_fn).train(stop_after=stop_after)
+
+
+# --------------------------------------------------------------------------- dataflow
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes and everything PPO derives from it."""
+
+    query_ids: torch.Tensor  # (B, Tq) prompt ids, left-padded
+    query_mask: torch.Tensor  # (B, Tq)
+    response_ids: torch.Tensor  # (B, T) sampled tokens, pad after EOS
+    mask: torch.Tensor  # (B, T) 1 on real response tokens (through EOS)
+    logprobs: torch.Tensor  # (B, T) log π_old(a_t | s_t)
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(a_t | s_t)
+    values: torch.Tensor  # (B, T) V_old(s_t)
+    scores: torch.Tensor  # (B,) reward score after shaping
+    raw_scores: torch.Tensor  # (B,) reward score as returned
+    finished: torch.Tensor  # (B,) bool: emitted EOS
+    texts: list[str]  # decoded responses
+    prompts: list[Prompt]
+    rewards: torch.Tensor | None = None  # (B, T) −β·KL_t (+ score at the last token)
+    kl: torch.Tensor | None = None  # (B, T) per-token KL estimate used in the reward
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T)
+
+
+@dataclass
+class Advantaged:
+    """What the clipped update needs of a rollout, once rewards and advantages are known."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # (B, T)
+    returns: torch.Tensor  # (B, T)
+
+
+def load_score_fn(source: RewardSource, device: torch.device, precision: str) -> ScoreFn:
+    """A ``score(prompts, responses)`` callable for the configured reward source: a
+    :class:`palate.reward.RewardModelScorer` for a reward model, or the named function."""
+    if source.function:
+        module_name, _, name = source.function.partition(":")
+        try:
+            fn: ScoreFn = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"reward.function {source.function!r}: {err}") from err
+        return fn
+    assert source.model is not None  # RewardSource checks that one of the two is set
+    rm = load_reward_model(source.model)
+    for module in rm.modules():
+        module.to(device).requires_grad_(False)
+    rm.precision = precision
+    return RewardModelScorer(rm, batch_size=source.batch_size)
+
+
+@contextmanager
+def adapters_disabled(model: Any) -> Iterator[None]:
+    """Run a LoRA policy as its frozen base: π_ref, without a second copy of the weights."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    if not hasattr(unwrapped, "disable_adapter"):
+        raise ConfigError("finetune: lora needs a peft model for the reference policy")
+    with unwrapped.disable_adapter():
+        yield
+
+
+def merged_policy(spec: str, peft_policy: Any) -> Any:
+    """The fp32 initial weights with the trained adapters merged in.
+
+    The policy in memory may hold its frozen base in bf16 (see
+    :func:`palate.training.store_frozen_linears`); merging there would round the update away,
+    so the adapters are merged into a fresh fp32 load of the initial model.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base, _ = load_model(spec)
+    fresh = get_peft_model(base, copy.deepcopy(peft_policy.peft_config["default"]))
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_policy))
+    return fresh.merge_and_unload()
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class PPOTrainer:
+    """Holds the models, optimiser and controllers; :meth:`step` is one PPO update and
+    :meth:`train` the stage."""
+
+    def __init__(self, cfg: PPOConfig, score_fn: ScoreFn | None = None):
+        self.cfg = cfg
+        self.acc, self.run, self.device, self.precision = begin_stage(cfg)
+        self.prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records][
+            : cfg.max_prompts
+        ]
+        if len(self.prompts) < cfg.ppo.batch_size:
+            raise ConfigError(
+                f"{cfg.prompts}: {len(self.prompts)} prompts, fewer than ppo.batch_size"
+            )
+        policy, self.tok = load_model(cfg.model)
+        disable_dropout(policy)
+        self.ref: Any = None  # a frozen copy for full fine-tuning; LoRA uses its own base
+        if cfg.finetune == "lora":
+            policy = apply_lora(policy, cfg.lora)
+            store_frozen_linears(policy, self.precision)  # the base is also π_ref
+        else:
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            store_frozen_linears(self.ref, self.precision)
+        self.policy = policy.to(self.device)
+        hidden = base_model(policy).config.hidden_size
+        self.value_head: ValueHead | None = None
+        self.critic: SeparateCritic | None = None
+        self.score_fn = score_fn or load_score_fn(cfg.reward, self.device, self.precision)
+        if cfg.critic.mode == "shared":
+            self.value_head = ValueHead(hidden).to(self.device)
+        else:
+            self.critic = self._separate_critic().to(self.device)
+        if isinstance(self.score_fn, RewardModelScorer):  # after the critic copied fp32 weights
+            for module in self.score_fn.reward_model.modules():
+                store_frozen_linears(module, self.precision)
+        self.engine = self._rollout_engine()
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params += list(self.value_head.parameters()) if self.value_head is not None else []
+        params += [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
+        self.params = params
+        self.optimizer, self.scheduler = build_optimizer(params, cfg.optim, cfg.ppo.updates)
+        kl = cfg.kl
+        self.kl_ctl: FixedKLController = (
+            AdaptiveKLController(kl.coef, kl.target, kl.horizon)
+            if kl.adaptive
+            else FixedKLController(kl.coef)
+        )
+        self.score_moments = RunningMoments()
+        self.ptx: list[Any] = []
+        if cfg.ppo.ptx_data is not None and cfg.ppo.ptx_coef > 0:
+            from palate.sft import tokenize_demonstration
+
+            demos = read_records(cfg.ppo.ptx_data, "demonstrations").records
+            self.ptx = [tokenize_demonstration(self.tok, d, 512) for d in demos]
+        self.step_no = 0
+
+    def _separate_critic(self) -> SeparateCritic:
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        scorer = self.score_fn if isinstance(self.score_fn, RewardModelScorer) else None
+        rm = scorer.reward_model if scorer is not None else None
+        if cfg.critic.init == "reward_model" and rm is not None and rm.kind == "causal":
+            src = copy.deepcopy(base_model(rm.model))
+            decoder, score = src.model, src.score
+            head = ValueHead(score.in_features)
+            with torch.no_grad():
+                head.linear.weight.copy_(score.weight[:1])
+        else:
+            if cfg.critic.init == "reward_model" and rm is not None:
+                console.print(
+                    "[yellow]reward model is not a causal LM: critic starts from the policy"
+                )
+            model, _ = load_model(cfg.model, auto_class=AutoModelForCausalLM)
+            decoder, head = model.get_decoder(), ValueHead(model.config.hidden_size)
+        disable_dropout(decoder)
+        if cfg.finetune == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = cfg.lora
+            decoder = get_peft_model(
+                decoder,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=0.0,
+                    target_modules=lora.target_modules,
+                ),
+            )
+            store_frozen_linears(decoder, self.precision)
+        return SeparateCritic(decoder, head)
+
+    def _rollout_engine(self) -> RolloutEngine:
+        engine = self.cfg.rollout_engine
+        if engine == "auto":
+            lora_or_bf16 = self.cfg.finetune == "lora" or self.precision == "bf16"
+            engine = "merged" if lora_or_bf16 else "policy"
+
+        def autocast_here() -> Any:
+            return autocast(self.device, self.precision)
+
+        if engine == "merged":
+            policy = self.acc.unwrap_model(self.policy)
+            return MergedCopyEngine(policy, self.precision, autocast_here)
+        return PolicyEngine(autocast_here)
+
+    # ----------------------------------------------------------------- the stage
+
+    def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Run the updates (resuming from the newest checkpoint), then save ``final/``."""
+        cfg, run = self.cfg, self.run
+        ckpt = run.latest_checkpoint() if cfg.resume else None
+        self.step_no, metrics = resume_training(
+            acc=self.acc,
+            run=run,
+            ckpt=ckpt,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            total=cfg.ppo.updates,
+            cfg=cfg,
+            project="palate-ppo",
+            restore=self.restore,
+            unit="update",
+        )
+        per_epoch = len(self.prompts) // cfg.ppo.batch_size
+        rows: list[dict[str, Any]] = []
+        t_start = time.perf_counter()
+        stopped = False
+        with progress_bar("ppo", total=cfg.ppo.updates, completed=self.step_no) as bar:
+            try:
+                while self.step_no < cfg.ppo.updates:
+                    row, rollout = self.step(self.next_prompts(per_epoch))
+                    rows.append(row)
+                    metrics.log(self.step_no, row)
+                    if self.step_no % cfg.sample_every == 0 or self.step_no == 1:
+                        self.write_samples(rollout)
+                    bar.update(
+                        self.step_no,
+                        score=row["objective/score"],
+                        kl=row["objective/kl"],
+                        beta=row["objective/kl_coef"],
+                    )
+                    stopped = (
+                        stop_after is not None and stop_after <= self.step_no < cfg.ppo.updates
+                    )
+                    if (
+                        self.step_no % cfg.checkpoint_every == 0
+                        or stopped
+                        or self.step_no == cfg.ppo.updates
+                    ):
+                        self.checkpoint()
+                    if stopped:
+                        break
+            except KeyboardInterrupt:
+                self.checkpoint()
+                metrics.close()
+                raise
+        metrics.close()
+        history = run.metrics()
+        first, last = (history[0], history[-1]) if history else ({}, {})
+        seconds = time.perf_counter() - t_start
+        summary: dict[str, Any] = {
+            "stage": "ppo",
+            "output_dir": str(run.path),
+            "updates": self.step_no,
+            "score_first": first.get("objective/score"),
+            "score_last": last.get("objective/score"),
+            "kl_last": last.get("objective/kl"),
+            "kl_coef_last": last.get("objective/kl_coef"),
+            "eos_rate_last": last.get("response/eos_rate"),
+            "length_last": last.get("response/length"),
+            "episodes_per_s": len(rows) * cfg.ppo.batch_size / seconds if rows else None,
+            "precision": self.precision,
+        }
+        if stopped:
+            summary["stopped_at"] = self.step_no
+            return summary
+        final = self.acc.unwrap_model(self.policy)
+        if cfg.finetune == "lora":
+            final = merged_policy(cfg.model, final)
+        final.save_pretrained(run.final, safe_serialization=True)
+        self.tok.save_pretrained(run.final)
+        summary["final"] = str(run.final)
+        run.write_summary(summary)
+        self.acc.end_training()
+        return summary
+
+    def next_prompts(self, per_epoch: int) -> list[Prompt]:
+        """The next update's prompts: a seeded permutation per epoch, so resuming is exact."""
+        size = self.cfg.ppo.batch_size
+        epoch, k = divmod(self.step_no, per_epoch)
+        order = epoch_order(len(self.prompts), self.cfg.seed, epoch)
+        return [self.prompts[i] for i in order[k * size : (k + 1) * size]]
+
+    def write_samples(self, rollout: Rollout) -> None:
+        rows = [
+            {"prompt": prompt_text(p), "response": t, "score": s}
+            for p, t, s in zip(
+                rollout.prompts, rollout.texts, rollout.raw_scores.tolist(), strict=True
+            )
+        ]
+        write_jsonl(self.run.path / "samples" / f"update-{self.step_no:05d}.jsonl", rows)
+
+    # ----------------------------------------------------------------- one update
+
+    def step(self, prompts: list[Prompt]) -> tuple[dict[str, float], Rollout]:
+        """One PPO update, as in the paper."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        rollout = self.rollout(prompts)  # sample + score
+        t_rollout = time.perf_counter() - t0
+        beta = self.kl_ctl.value
+        mask = rollout.mask
+        kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, cfg.kl.estimator) * mask
+        rewards = penalised_rewards(rollout.scores, kl, mask, beta)  # KL-penalised reward
+        advantages, returns = gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        rollout.kl, rollout.rewards = kl, rewards
+        rollout.advantages, rollout.returns = advantages, returns
+        t1 = time.perf_counter()
+        stats = self.ppo_epochs(Advantaged(rollout, advantages, returns))  # clipped update
+        self.scheduler.step()
+        t_update = time.perf_counter() - t1
+        kl_per_response = kl.sum(1).mean().item()
+        kl_k3 = (kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(1)
+        explained_var = 1 - masked_var(returns - rollout.values, mask) / masked_var(
+            returns, mask
+        ).clamp(min=1e-8)
+        row = {  # log
+            "objective/score": rollout.raw_scores.mean().item(),
+            "objective/score_shaped": rollout.scores.mean().item(),
+            "objective/kl": kl_per_response,
+            "objective/kl_k3": kl_k3.mean().item(),
+            "objective/kl_coef": beta,
+            "objective/rlhf_reward": rewards.sum(1).mean().item(),
+            "objective/non_score_reward": (-beta * kl).sum(1).mean().item(),
+            **stats,
+            "value/explained_variance": explained_var.item(),
+            "value/mean": masked_mean(rollout.values, mask).item(),
+            "response/length": mask.sum(1).mean().item(),
+            "response/eos_rate": rollout.finished.float().mean().item(),
+            "timing/rollout": t_rollout,
+            "timing/update": t_update,
+            "throughput/episodes_per_s": len(prompts) / (t_rollout + t_update),
+        }
+        self.kl_ctl.update(kl_per_response, len(prompts))  # adapt KL
+        self.step_no += 1
+        return row, rollout
+
+    # ----------------------------------------------------------------- pieces
+
+    def _forward(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,  # (B, Tq + T)
+        attention_mask: torch.Tensor,  # (B, Tq + T)
+        prompt_width: int,
+        *,
+        with_entropy: bool = False,
+        reference: bool = False,
+    ) -> tuple[Any, ...]:
+        """log π, V and entropy at the T response positions: ``(B, T)`` each (V, entropy may be
+        None), in ``ppo.forward_chunks`` length-sorted groups."""
+        temperature = self.cfg.sampling.temperature or 1.0
+        head = None if reference else self.value_head
+
+        def forward(ids: torch.Tensor, mask: torch.Tensor, width: int) -> tuple[Any, ...]:
+            logp, values, entropy = policy_forward(
+                model, head, ids, mask, width, temperature, with_entropy
+            )
+            if self.critic is not None and not reference:
+                values = self.critic(ids, mask, position_ids(mask), width - 1, ids.shape[1] - width)
+            return logp, values, entropy
+
+        chunks = self.cfg.ppo.forward_chunks
+        return trimmed_by_prompt_length(forward, input_ids, attention_mask, prompt_width, chunks)
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[Prompt]) -> Rollout:
+        """Sample responses, then log π_old, log π_ref and V_old in one pass each."""
+        cfg, tok = self.cfg, self.tok
+        query_ids, query_mask = pad_batch(
+            [prompt_ids(tok, p)[-cfg.max_prompt_length :] for p in prompts], tok.pad_token_id
+        )
+        width = query_ids.shape[1]
+        query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
+        self.engine.sync(self.acc.unwrap_model(self.policy))
+        sampled = self.engine.generate(
+            query_ids,
+            query_mask,
+            cfg.sampling,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        response = sampled[:, width:]
+        if response.shape[1] == 0:
+            response = torch.full((len(prompts), 1), tok.eos_token_id, device=self.device)
+        is_eos = response == tok.eos_token_id
+        finished = is_eos.any(1)
+        first_eos = torch.where(
+            finished,
+            is_eos.float().argmax(1),
+            torch.full_like(finished, response.shape[1], dtype=torch.long),
+        )
+        positions = torch.arange(response.shape[1], device=self.device)
+        mask = (positions[None, :] <= first_eos[:, None]).long()
+        mask[~finished] = 1
+        response = torch.where(mask.bool(), response, torch.full_like(response, tok.pad_token_id))
+        full = torch.cat([query_ids, response], 1)
+        full_mask = torch.cat([query_mask, mask], 1)
+        with autocast(self.device, self.precision):
+            logprobs, values, _ = self._forward(self.policy, full, full_mask, width)
+            if self.ref is not None:
+                ref_logprobs, _, _ = self._forward(self.ref, full, full_mask, width, reference=True)
+            else:
+                with adapters_disabled(self.policy):
+                    ref_logprobs, _, _ = self._forward(
+                        self.policy, full, full_mask, width, reference=True
+                    )
+        texts = [
+            tok.decode(r[m.bool()], skip_special_tokens=True).strip()
+            for r, m in zip(response, mask, strict=True)
+        ]
+        raw = torch.as_tensor(self.score_fn(prompts, texts), dtype=torch.float32).reshape(-1)
+        scores = self._shape_scores(raw.to(self.device), finished)
+        mask = mask.float()
+        return Rollout(
+            query_ids=query_ids,
+            query_mask=query_mask,
+            response_ids=response,
+            mask=mask,
+            logprobs=logprobs * mask,
+            ref_logprobs=ref_logprobs * mask,
+            values=(values.float() * mask) if values is not None else torch.zeros_like(mask),
+            scores=scores,
+            raw_scores=raw,
+            finished=finished,
+            texts=texts,
+            prompts=prompts,
+        )
+
+    def _shape_scores(self, scores: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        shaping = self.cfg.reward
+        if shaping.missing_eos_penalty is not None:
+            scores = torch.where(finished, scores, scores - shaping.missing_eos_penalty)
+        if shaping.normalize:
+            self.score_moments.update(scores)
+            scores = (scores - self.score_moments.mean) / self.score_moments.std
+        if shaping.clip is not None:
+            scores = scores.clamp(-shaping.clip, shaping.clip)
+        return scores
+
+    def ppo_epochs(self, batch: Advantaged) -> dict[str, float]:
+        """Clipped policy/value updates over minibatches for ``ppo.epochs`` passes."""
+        cfg = self.cfg.ppo
+        rollout = batch.rollout
+        B = rollout.response_ids.shape[0]
+        width = rollout.query_ids.shape[1]
+        full = torch.cat([rollout.query_ids, rollout.response_ids], 1)
+        full_mask = torch.cat([rollout.query_mask, rollout.mask.long()], 1)
+        minibatches = math.ceil(B / cfg.mini_batch_size)
+        stats: dict[str, list[float]] = {}
+        self.policy.train()
+        stop = False
+        epochs_done = 0
+        for _epoch in range(cfg.epochs):
+            epochs_done += 1
+            perm = torch.randperm(B).tolist()
+            for start in range(0, B, cfg.mini_batch_size):
+                idx = perm[start : start + cfg.mini_batch_size]
+                mask = rollout.mask[idx]
+                with autocast(self.device, self.precision):
+                    logp, values, entropy = self._forward(
+                        self.policy, full[idx], full_mask[idx], width, with_entropy=True
+                    )
+                pg_loss, clipfrac, approxkl = policy_loss(
+                    logp, rollout.logprobs[idx], batch.advantages[idx], mask, cfg.cliprange
+                )
+                vf_loss, vf_clipfrac = value_loss(
+                    values.float(),
+                    rollout.values[idx],
+                    batch.returns[idx],
+                    mask,
+                    cfg.cliprange_value,
+                )
+                mean_entropy = masked_mean(entropy, mask)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
+                if cfg.ptx_coef > 0:
+                    loss = loss + cfg.ptx_coef * self._ptx_loss()
+                self.acc.backward(loss)
+                grad_norm = None
+                if self.cfg.optim.max_grad_norm is not None:
+                    grad_norm = self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for key, val in (
+                    ("policy/loss", pg_loss),
+                    ("policy/clipfrac", clipfrac),
+                    ("policy/approxkl", approxkl),
+                    ("value/loss", vf_loss),
+                    ("value/clipfrac", vf_clipfrac),
+                    ("objective/entropy", mean_entropy),
+                    ("policy/grad_norm", grad_norm),
+                ):
+                    if val is not None:
+                        stats.setdefault(key, []).append(
+                            float(val.detach() if hasattr(val, "detach") else val)
+                        )
+            recent = stats["policy/approxkl"][-minibatches:]
+            if (
+                cfg.target_approx_kl is not None
+                and sum(recent) / minibatches > cfg.target_approx_kl
+            ):
+                stop = True
+                break
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        out["policy/epochs"] = epochs_done
+        out["policy/early_stop"] = float(stop)
+        return out
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """PPO-ptx: the SFT loss on a random minibatch of demonstrations."""
+        from palate.sft import collate
+
+        rows = torch.randint(len(self.ptx), (self.cfg.ppo.mini_batch_size,)).tolist()
+        batch = collate([self.ptx[i] for i in rows], self.tok.pad_token_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with autocast(self.device, self.precision):
+            ce, n = response_cross_entropy(self.policy, batch, fast=True)
+        return ce / n.clamp(min=1)
+
+    # ----------------------------------------------------------------- state
+
+    def checkpoint(self) -> None:
+        """Save a resumable checkpoint of the current update; older ones pruned."""
+        from safetensors.torch import save_file
+
+        path = self.run.checkpoint_dir(self.step_no)
+        path.mkdir(parents=True, exist_ok=True)
+        policy = self.acc.unwrap_model(self.policy)
+        policy.save_pretrained(path / "policy", safe_serialization=True)
+        self.tok.save_pretrained(path / "policy")
+        extra: dict[str, Any] = {
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+        }
+        if self.value_head is not None:
+            save_file(self.value_head.state_dict(), path / "value_head.safetensors")
+        if self.critic is not None:
+            trainable = {
+                n: p.detach().cpu().contiguous()
+                for n, p in self.critic.named_parameters()
+                if p.requires_grad
+            }
+            save_file(trainable, path / "critic.safetensors")
+        save_training_state(
+            path,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={"step": self.step_no, "stage": "ppo"},
+            extra=extra,
+        )
+        prune_checkpoints(self.run, self.cfg.keep_checkpoints)
+
+    def restore(self, path: Path, blob: dict[str, Any]) -> None:
+        """What a checkpoint holds beyond the optimiser, scheduler and RNG state (those are
+        restored by :func:`palate.training.resume_training`)."""
+        from safetensors.torch import load_file
+
+        policy = self.acc.unwrap_model(self.policy)
+        if self.cfg.finetune == "lora":
+            from peft import set_peft_model_state_dict
+
+            adapter = load_file(path / "policy" / "adapter_model.safetensors")
+            set_peft_model_state_dict(policy, adapter)
+        else:
+            policy.load_state_dict(load_file(path / "policy" / "model.safetensors"), strict=False)
+        if self.value_head is not None:
+            self.value_head.load_state_dict(load_file(path / "value_head.safetensors"))
+        if self.critic is not None:
+            self.critic.load_state_dict(load_file(path / "critic.safetensors"), strict=False)
+        self.kl_ctl.load_state_dict(blob["kl_ctl"])
+        self.score_moments.load_state_dict(blob["score_moments"])
