@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -127,16 +128,28 @@ def config_to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+def _own_fields_first(cls: type[BaseModel]) -> list[str]:
+    """Field names, those declared by ``cls`` first, then its bases' (nearest first)."""
+    order: list[str] = []
+    for klass in cls.__mro__:
+        for name in inspect.get_annotations(klass):
+            if name in cls.model_fields and name not in order:
+                order.append(name)
+    return order + [name for name in cls.model_fields if name not in order]
+
+
 def describe_config(
     cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
 ) -> list[tuple[str, str, str, str]]:
     """(dotted name, type, default, description) for every leaf field, nested sections included.
 
     Defaults of a nested section come from its ``default_factory`` (which may differ from the
-    section class's own defaults), so the listing shows what a config actually gets.
+    section class's own defaults), so the listing shows what a config actually gets. A class's
+    own fields come before those it inherits (a stage's inputs before the shared settings).
     """
     rows: list[tuple[str, str, str, str]] = []
-    for name, field in cls.model_fields.items():
+    for name in _own_fields_first(cls):
+        field = cls.model_fields[name]
         dotted = f"{prefix}{name}"
         ann = field.annotation
         if defaults is not None:

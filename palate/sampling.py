@@ -5,8 +5,8 @@ rendered with :mod:`palate.formatting` and left-padded; each response is cut at 
 and reports whether it ever emitted one (``finished``).
 
 PPO samples through a :class:`RolloutEngine`: ``sync(policy)`` before each rollout, then
-``generate(query_ids, query_mask, sampling)``. Two engines ship (transformers ``generate``);
-a vLLM engine for GPUs implements the same two methods.
+``generate(query_ids, query_mask, sampling)``. Two engines ship (transformers ``generate``); a
+faster engine (e.g. vLLM) would implement the same two methods.
 """
 
 from __future__ import annotations

@@ -73,6 +73,13 @@ def test_missing_and_invalid_yaml(tmp_path: Path) -> None:
         load_config(Outer, write(tmp_path, "- a\n- b\n"))
 
 
+def test_show_lists_a_stages_inputs_before_the_shared_settings() -> None:
+    names = [row[0] for row in describe_config(COMMANDS["ppo"][0]) if "." not in row[0]]
+    assert names[:3] == ["model", "prompts", "reward"]
+    assert names.index("max_prompts") < names.index("output_dir") < names.index("seed")
+    assert sorted(names) == sorted(COMMANDS["ppo"][0].model_fields)
+
+
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_stage_field_is_documented(name: str) -> None:
     rows = describe_config(COMMANDS[name][0])

@@ -190,7 +190,7 @@ class PPOTrainer:
             policy = apply_lora(policy, cfg.lora)
             store_frozen_linears(policy, self.precision)  # the base is also π_ref
         else:
-            self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.ref = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
             store_frozen_linears(self.ref, self.precision)
         self.policy = policy.to(self.device)
         hidden = base_model(policy).config.hidden_size
