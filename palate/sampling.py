@@ -11,7 +11,8 @@ faster engine (e.g. vLLM) would implement the same two methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from pydantic import Field
 from palate.config import Config
 from palate.data import Prompt
 from palate.formatting import pad_batch, prompt_ids
+from palate.lm import base_model
 
 __all__ = [
     "Generated",
@@ -30,6 +32,7 @@ __all__ = [
     "SamplingConfig",
     "generate_responses",
     "inference_model",
+    "plain_generation_config",
 ]
 
 
@@ -130,6 +133,30 @@ class RolloutEngine(Protocol):
         """Sample one response per query."""
 
 
+@contextmanager
+def plain_generation_config(model: Any) -> Iterator[None]:
+    """Sample with only the knobs :class:`SamplingConfig` sets.
+
+    ``generate`` fills every setting a call leaves unset from ``model.generation_config``, so a
+    checkpoint's ``repetition_penalty``, ``no_repeat_ngram_size``, bad words, ... would change
+    what is sampled, while PPO computes log π at the plain tempered distribution. A clean config
+    (keeping only the special-token ids) stands in for the model's while sampling.
+    """
+    from transformers import GenerationConfig
+
+    hf_model = base_model(model)
+    saved = hf_model.generation_config
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=saved.bos_token_id,
+        eos_token_id=saved.eos_token_id,
+        pad_token_id=saved.pad_token_id,
+    )
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
+
+
 def _sample(
     model: Any,
     query_ids: torch.Tensor,
@@ -141,7 +168,7 @@ def _sample(
 ) -> torch.Tensor:
     greedy = s.temperature == 0
     model.eval()
-    with torch.no_grad(), autocast_ctx:
+    with torch.no_grad(), autocast_ctx, plain_generation_config(model):
         return model.generate(
             input_ids=query_ids,
             attention_mask=query_mask,

@@ -10,6 +10,7 @@ import torch
 
 from palate.config import load_config
 from palate.data import write_jsonl
+from palate.errors import ConfigError
 from palate.ppo import PPOConfig, PPOTrainer, ppo
 from palate.sft import SFTConfig, sft
 
@@ -227,3 +228,66 @@ def test_chunked_forward_equals_one_forward(tiny) -> None:
         )
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g * mask[:, tq:], w * mask[:, tq:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad", ["sampling.top_p=0.9", "sampling.top_k=5", "sampling.temperature=0"]
+)
+def test_ppo_sampling_must_be_plain_temperature(tmp_path: Path, bad: str) -> None:
+    base = [f"prompts={tmp_path}/p.jsonl", f"output_dir={tmp_path}/run", "reward.model=rm"]
+    with pytest.raises(ConfigError, match="sampling: .*plain temperature"):
+        load_config(PPOConfig, None, [*base, bad])
+
+
+def test_lora_dropout_is_off_so_the_first_minibatch_is_on_policy(
+    tmp_path: Path, sft_policy
+) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        sft_policy,
+        "finetune=lora",
+        "lora.dropout=0.5",
+        "ppo.updates=1",
+        "ppo.epochs=1",
+        "ppo.mini_batch_size=16",
+        "optim.lr=1e-12",
+    )
+    trainer = PPOTrainer(cfg, score_fn=bright)
+    torch.manual_seed(0)
+    with torch.no_grad():  # adapters that do something (B starts at zero)
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    row, _ = trainer.step(trainer.prompts[:16])
+    assert row["policy/approxkl"] < 1e-8 and row["policy/clipfrac"] == 0
+    assert row["objective/kl"] > 1e-3  # the adapters moved the policy off the reference
+
+
+def test_kl_horizon_defaults_to_the_runs_length(tmp_path: Path, sft_policy) -> None:
+    cfg = make_cfg(tmp_path, sft_policy, "kl.adaptive=true", "ppo.updates=3")
+    assert PPOTrainer(cfg, score_fn=bright).kl_ctl.horizon == 3 * 16
+    cfg = make_cfg(tmp_path, sft_policy, "kl.adaptive=true", "kl.horizon=500")
+    assert PPOTrainer(cfg, score_fn=bright).kl_ctl.horizon == 500
+
+
+def test_separate_critic_starts_from_the_reward_models_score(tmp_path: Path, sft_policy) -> None:
+    from palate.reward import RewardModel
+
+    torch.manual_seed(0)
+    rm = RewardModel.from_backbone("tiny", max_length=64)
+    rm.offset = 0.7
+    rm.save(tmp_path / "rm")
+    cfg = make_cfg(
+        tmp_path,
+        sft_policy,
+        "reward.function=null",
+        f"reward.model={tmp_path / 'rm'}",
+        "critic.mode=separate",
+        "critic.init=reward_model",
+    )
+    trainer = PPOTrainer(cfg)
+    assert trainer.critic is not None
+    h = torch.randn(3, 5, rm.model.config.hidden_size)
+    with torch.no_grad():
+        want = rm.model.score(h).squeeze(-1) + 0.7
+        torch.testing.assert_close(trainer.critic.head(h), want)

@@ -47,3 +47,35 @@ def test_merged_copy_follows_the_policy_after_sync(tiny, lora: bool) -> None:
     assert {p.data_ptr() for p in engine.model.parameters()}.isdisjoint(
         p.data_ptr() for p in policy.parameters()
     )
+
+
+def test_sampling_ignores_the_models_generation_config(tiny) -> None:
+    """A checkpoint's repetition penalty or suppressed tokens must not change what is sampled:
+    PPO computes log π at the plain tempered distribution."""
+    from palate.sampling import generate_responses
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    prompts = ["hello there", "a b c", "tell me a story"]
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    torch.manual_seed(0)
+    plain = [g.token_ids for g in generate_responses(model, tok, prompts, sampling)]
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.suppress_tokens = list(range(len(tok) // 2))
+    torch.manual_seed(0)
+    tweaked = [g.token_ids for g in generate_responses(model, tok, prompts, sampling)]
+    assert tweaked == plain
+    assert model.generation_config.repetition_penalty == 50.0  # restored after sampling
+
+    # The check can fail: generate() itself applies those settings.
+    q, qm = _queries(tok)
+    kw = {"do_sample": True, "temperature": 1.0, "top_k": 0, "max_new_tokens": 12}
+    torch.manual_seed(0)
+    with_config = model.generate(
+        input_ids=q, attention_mask=qm, pad_token_id=tok.pad_token_id, **kw
+    )
+    model.generation_config.repetition_penalty = 1.0
+    model.generation_config.suppress_tokens = None
+    torch.manual_seed(0)
+    without = model.generate(input_ids=q, attention_mask=qm, pad_token_id=tok.pad_token_id, **kw)
+    assert not torch.equal(with_config, without)

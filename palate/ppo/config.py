@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from palate.config import Config
 from palate.sampling import SamplingConfig
@@ -61,7 +61,12 @@ class KLSettings(Config):
     coef: float = Field(0.05, ge=0, description="β, the initial (or fixed) KL coefficient.")
     adaptive: bool = Field(True, description="Adapt β toward `target` (Ziegler et al. 2019).")
     target: float = Field(6.0, gt=0, description="Target KL per response (nats), if adaptive.")
-    horizon: int = Field(10000, ge=1, description="Adaptive controller horizon (episodes).")
+    horizon: int | None = Field(
+        None,
+        ge=1,
+        description="Adaptive controller horizon in episodes (null: the run's length, "
+        "ppo.updates × ppo.batch_size, so β can move by up to ±20%·e over the run).",
+    )
     estimator: Literal["k1", "k3"] = Field(
         "k1", description="Per-token estimator used in the reward (k1 as in the papers)."
     )
@@ -138,6 +143,17 @@ class PPORecipe(StageSettings):
     )
     sample_every: int = Field(5, ge=1, description="Write sample responses every N updates.")
     checkpoint_every: int = Field(5, ge=1, description="Checkpoint every N updates.")
+
+    @field_validator("sampling")
+    @classmethod
+    def _plain_sampling(cls, s: SamplingConfig) -> SamplingConfig:
+        if s.temperature == 0 or s.top_p < 1 or s.top_k > 0:
+            raise ValueError(
+                "PPO samples at a plain temperature (temperature > 0, top_p 1, top_k 0): log π "
+                "is computed at the tempered distribution, so greedy or truncated sampling "
+                "would make every rollout off-policy"
+            )
+        return s
 
     @model_validator(mode="after")
     def _check(self) -> PPORecipe:

@@ -188,6 +188,7 @@ class PPOTrainer:
         self.ref: Any = None  # a frozen copy for full fine-tuning; LoRA uses its own base
         if cfg.finetune == "lora":
             policy = apply_lora(policy, cfg.lora)
+            disable_dropout(policy)  # LoRA's own dropout too: log π_old must be deterministic
             store_frozen_linears(policy, self.precision)  # the base is also π_ref
         else:
             self.ref = copy.deepcopy(policy).eval().requires_grad_(False).to(self.device)
@@ -211,8 +212,9 @@ class PPOTrainer:
         self.params = params
         self.optimizer, self.scheduler = build_optimizer(params, cfg.optim, cfg.ppo.updates)
         kl = cfg.kl
+        horizon = kl.horizon or cfg.ppo.updates * cfg.ppo.batch_size
         self.kl_ctl: FixedKLController = (
-            AdaptiveKLController(kl.coef, kl.target, kl.horizon)
+            AdaptiveKLController(kl.coef, kl.target, horizon)
             if kl.adaptive
             else FixedKLController(kl.coef)
         )
@@ -235,8 +237,10 @@ class PPOTrainer:
             src = copy.deepcopy(base_model(rm.model))
             decoder, score = src.model, src.score
             head = ValueHead(score.in_features)
-            with torch.no_grad():
+            with torch.no_grad():  # V starts as the reward model's score, offset included
                 head.linear.weight.copy_(score.weight[:1])
+                bias = float(score.bias[0]) if score.bias is not None else 0.0
+                head.linear.bias.fill_(bias + rm.offset)
         else:
             if cfg.critic.init == "reward_model" and rm is not None:
                 console.print(
