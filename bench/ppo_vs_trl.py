@@ -262,18 +262,12 @@ def main() -> None:
         f"{args.updates} updates per side",
         file=sys.stderr,
     )
-    results = compare_sides(
-        args.settings.split(","),
-        sides,
-        lambda side, setting: child(
-            sys.executable if side == "palate" else str(TRL_PY), args, side, setting
-        ),
-        "episodes_per_s",
-        "episodes/s",
-        width=10,
-        digits=3,
-        echo=True,
-    )
+
+    def run(side: str, setting: str) -> dict:
+        return child(sys.executable if side == "palate" else str(TRL_PY), args, side, setting)
+
+    settings = args.settings.split(",")
+    results = compare_sides(settings, sides, run, "episodes_per_s", "episodes/s", echo=True)
     if args.json:
         print(json.dumps(results))
 

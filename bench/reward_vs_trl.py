@@ -211,17 +211,12 @@ def main() -> None:
         f"{args.steps} steps (first {args.warmup} not timed)",
         file=sys.stderr,
     )
-    results = compare_sides(
-        args.settings.split(","),
-        ["palate", "trl"],
-        lambda side, setting: child(
-            sys.executable if side == "palate" else str(TRL_PY), args, side, setting
-        ),
-        "pairs_per_s",
-        "pairs/s",
-        width=8,
-        digits=2,
-    )
+
+    def run(side: str, setting: str) -> dict:
+        return child(sys.executable if side == "palate" else str(TRL_PY), args, side, setting)
+
+    sides, settings = ["palate", "trl"], args.settings.split(",")
+    results = compare_sides(settings, sides, run, "pairs_per_s", "pairs/s", width=8, digits=2)
     if args.json:
         print(json.dumps(results))
 
