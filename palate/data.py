@@ -55,6 +55,7 @@ __all__ = [
     "split_heldout",
     "split_hh_pair",
     "validate_file",
+    "read_jsonl",
     "write_jsonl",
 ]
 
@@ -443,6 +444,15 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[A
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a JSONL file palate wrote (metrics, samples, evaluation points); none when
+    the file does not exist. Data files from users go through :func:`read_records`."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def write_jsonl(path: str | os.PathLike[str], records: Iterable[BaseModel | dict[str, Any]]) -> int:

@@ -12,7 +12,6 @@ checkpoint against it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from palate.data import Prompt
+from palate.data import Prompt, read_jsonl
 from palate.formatting import pad_batch, prompt_ids
 from palate.lm import policy_forward
 from palate.models import load_model
@@ -287,7 +286,7 @@ def rollout_curve(samples_dir: Path, gold: ScoreFn) -> list[dict[str, Any]]:
     the reward model's ``score``), one point per logged update."""
     points = []
     for f in sorted(samples_dir.glob("update-*.jsonl")):
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(f)
         if not rows:
             continue
         g = [float(x) for x in gold([r["prompt"] for r in rows], [r["response"] for r in rows])]

@@ -16,7 +16,6 @@ always through the model's own head code, so logit soft-capping (Gemma-2/3), ``l
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -128,22 +127,16 @@ def _head_states_and_logits(
         lambda _module, args: seen.append(args[0])
     )
     keep = torch.arange(start, start + length, device=input_ids.device)
-    try:
-        if "logits_to_keep" in inspect.signature(base.forward).parameters:
-            out = base(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                logits_to_keep=keep,
-            )
-            logits = out.logits
-        else:
-            out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-            logits = out.logits[:, keep]
+    try:  # logits_to_keep: the head (and `seen`) see only the kept positions
+        out = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=keep,
+        )
     finally:
         hook.remove()
-    h = seen[-1]
-    return (h if h.shape[1] == length else h[:, keep]), logits
+    return seen[-1], out.logits
 
 
 def policy_forward(
@@ -194,9 +187,8 @@ def in_length_groups(
     inverse = torch.argsort(order)
     out: list[torch.Tensor | None] = []
     for k in range(len(parts[0])):
-        pieces = [p[k] for p in parts]
-        tensors = [t for t in pieces if t is not None]
-        out.append(torch.cat(tensors)[inverse.to(tensors[0].device)] if tensors else None)
+        pieces = [t for p in parts if (t := p[k]) is not None]  # all groups, or none, give it
+        out.append(torch.cat(pieces)[inverse.to(pieces[0].device)] if pieces else None)
     return tuple(out)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from palate.config import config_to_yaml
-from palate.data import atomic_write
+from palate.data import atomic_write, read_jsonl
 
 __all__ = ["MetricsLogger", "RunDir"]
 
@@ -123,9 +123,7 @@ class RunDir:
         return json.loads(self.summary_path.read_text())
 
     def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
+        return read_jsonl(self.metrics_path)
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}"

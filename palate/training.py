@@ -34,6 +34,7 @@ __all__ = [
     "OptimSettings",
     "StageConfig",
     "StageSettings",
+    "StepTrainer",
     "Tracker",
     "TrainSettings",
     "autocast",
@@ -48,7 +49,6 @@ __all__ = [
     "rng_state",
     "run_steps",
     "seed_everything",
-    "StepTrainer",
     "store_frozen_linears",
 ]
 

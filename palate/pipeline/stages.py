@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from palate.data import Prompt, prompt_json, read_records, write_jsonl
+from palate.data import Prompt, prompt_json, read_jsonl, read_records, write_jsonl
 from palate.errors import DataError
 from palate.pipeline.run import STAGES, Run, WaitingForLabels
 from palate.ppo import PPOConfig, RewardSource
@@ -270,15 +270,6 @@ def stage_eval(run: Run) -> dict[str, Any]:
     summary = {"stage": "eval", **result, "kl_target": kl_target}
     RunDir(d).write_summary(summary)
     return summary
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file the run wrote (none if it is missing)."""
-    import json
-
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def stage_report(run: Run) -> dict[str, Any]:

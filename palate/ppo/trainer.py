@@ -114,15 +114,6 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, T)
 
 
-@dataclass
-class Advantaged:
-    """What the clipped update needs of a rollout, once rewards and advantages are known."""
-
-    rollout: Rollout
-    advantages: torch.Tensor  # (B, T)
-    returns: torch.Tensor  # (B, T)
-
-
 def load_score_fn(source: RewardSource, device: torch.device, precision: str) -> ScoreFn:
     """A ``score(prompts, responses)`` callable for the configured reward source: a
     :class:`palate.reward.RewardModelScorer` for a reward model, or the named function."""
@@ -394,7 +385,7 @@ class PPOTrainer:
         rollout.kl, rollout.rewards = kl, rewards
         rollout.advantages, rollout.returns = advantages, returns
         t1 = time.perf_counter()
-        stats = self.ppo_epochs(Advantaged(rollout, advantages, returns))  # clipped update
+        stats = self.ppo_epochs(rollout, advantages, returns)  # clipped update
         self.scheduler.step()
         t_update = time.perf_counter() - t1
         kl_per_response = kl.sum(1).mean().item()
@@ -526,10 +517,14 @@ class PPOTrainer:
             scores = scores.clamp(-shaping.clip, shaping.clip)
         return scores
 
-    def ppo_epochs(self, batch: Advantaged) -> dict[str, float]:
+    def ppo_epochs(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,  # (B, T)
+        returns: torch.Tensor,  # (B, T)
+    ) -> dict[str, float]:
         """Clipped policy/value updates over minibatches for ``ppo.epochs`` passes."""
         cfg = self.cfg.ppo
-        rollout = batch.rollout
         B = rollout.response_ids.shape[0]
         width = rollout.query_ids.shape[1]
         full = torch.cat([rollout.query_ids, rollout.response_ids], 1)
@@ -550,12 +545,12 @@ class PPOTrainer:
                         self.policy, full[idx], full_mask[idx], width, with_entropy=True
                     )
                 pg_loss, clipfrac, approxkl = policy_loss(
-                    logp, rollout.logprobs[idx], batch.advantages[idx], mask, cfg.cliprange
+                    logp, rollout.logprobs[idx], advantages[idx], mask, cfg.cliprange
                 )
                 vf_loss, vf_clipfrac = value_loss(
                     values.float(),
                     rollout.values[idx],
-                    batch.returns[idx],
+                    returns[idx],
                     mask,
                     cfg.cliprange_value,
                 )
