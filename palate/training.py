@@ -71,6 +71,7 @@ class OptimSettings(Config):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (added to √v̂).")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warm-up: cosine, linear (to 0) or constant."
     )
@@ -251,6 +252,7 @@ def build_optimizer(
         lr=settings.lr,
         weight_decay=settings.weight_decay,
         betas=settings.betas,
+        eps=settings.eps,
         fused=fused or None,  # one kernel for all parameters: faster on CPU and GPU
     )
     warmup = int(round(settings.warmup_ratio * total_steps))

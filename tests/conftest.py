@@ -40,7 +40,16 @@ def hh_file() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, tokenizer): the tiny random Llama with the real SmolLM2 tokenizer."""
+    """(model, tokenizer): the tiny random Llama with palate's own small tokenizer."""
     from palate.models import tiny_causal_lm
 
     return tiny_causal_lm(seed=0)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where model-level tests run: CUDA when a GPU is present, else the CPU. (Trainer tests
+    need no fixture: accelerate puts them on the GPU when there is one.)"""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

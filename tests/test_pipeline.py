@@ -83,6 +83,11 @@ def test_quickstart_pipeline_on_the_tiny_model(tmp_path: Path, hh_file: Path) ->
     comps = (out / "labels" / "comparisons.jsonl").read_text().splitlines()
     assert len(comps) == labels["comparisons"] > 0
     assert (out / "reward" / "final" / "palate_reward.json").is_file()
+    # the reward model is normalised on the initial policy's own samples (the pairs stage's:
+    # same sampling as PPO's), all 24 of them
+    reward = json.loads((out / "reward" / "summary.json").read_text())
+    assert reward["normalize_source"] == str(out / "pairs" / "samples.jsonl")
+    assert reward["normalize_samples"] == 24
     assert (out / "ppo" / "final" / "config.json").is_file()
     assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 4
     assert len(list((out / "ppo" / "samples").glob("update-*.jsonl"))) == 4  # every update
@@ -323,3 +328,32 @@ def test_optional_sft_stage_becomes_the_initial_policy(tmp_path: Path, hh_file: 
     assert pair["source_a"] == str(sft_final)  # pairs come from the SFT policy
     ppo_cfg = (out / "ppo" / "config.yaml").read_text()
     assert f"model: {sft_final}" in ppo_cfg  # and PPO starts from it (its KL reference)
+
+
+def test_reward_stage_normalises_on_fresh_policy_samples_when_pairs_differ(
+    tmp_path: Path, hh_file: Path
+) -> None:
+    """Pairs sampled differently from PPO: the reward stage samples the initial policy itself,
+    on the training prompts, with PPO's sampling settings; a user's own choice wins."""
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import reward_config
+
+    base = tiny_overrides(tmp_path / "r", hh_file)
+    cfg = load_config(RunConfig, QUICKSTART, base)
+    (tmp_path / "r" / "pairs").mkdir(parents=True)
+    (tmp_path / "r" / "pairs" / "samples.jsonl").write_text("")
+    norm = reward_config(Run(cfg)).normalize
+    assert norm.responses == str(tmp_path / "r" / "pairs" / "samples.jsonl")
+    assert norm.policy is None
+    cfg = load_config(RunConfig, QUICKSTART, base + ["ppo.sampling.temperature=1.0"])
+    norm = reward_config(Run(cfg)).normalize
+    assert norm.responses is None and norm.policy == Run(cfg).policy == "tiny"
+    assert norm.prompts == str(tmp_path / "r" / "prompts" / "train.jsonl")
+    assert norm.sampling == cfg.ppo.sampling
+    cfg = load_config(
+        RunConfig,
+        QUICKSTART,
+        base + ["reward.normalize.policy=other", "reward.normalize.samples=9"],
+    )
+    norm = reward_config(Run(cfg)).normalize
+    assert (norm.policy, norm.responses, norm.samples) == ("other", None, 9)

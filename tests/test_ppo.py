@@ -108,10 +108,12 @@ def test_rule_reward_rises_threefold(tmp_path: Path, sft_policy) -> None:
 
 
 def test_huge_beta_keeps_policy_on_the_leash(tmp_path: Path, sft_policy) -> None:
-    # Same settings as the test above except β: there KL grows past 2 nats and the score triples.
+    # Same settings as the test above except β: there KL passes 5 nats by update 8 and the
+    # score triples; here the mean KL (a noisy k1 estimate on 16 samples) stays near 0.
     ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=8", "kl.coef=20"), score_fn=bright)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["objective/kl"] for r in rows) < 0.5
+    kl = [r["objective/kl"] for r in rows]
+    assert sum(kl) / len(kl) < 0.3 and max(kl) < 1.0, kl
     s = [r["objective/score"] for r in rows]
     assert abs(sum(s[-3:]) / 3 - sum(s[:3]) / 3) < 0.25, s  # reward barely moves
 
@@ -275,7 +277,7 @@ def test_separate_critic_starts_from_the_reward_models_score(tmp_path: Path, sft
 
     torch.manual_seed(0)
     rm = RewardModel.from_backbone("tiny", max_length=64)
-    rm.offset = 0.7
+    rm.offset, rm.gain = 0.7, 2.0
     rm.save(tmp_path / "rm")
     cfg = make_cfg(
         tmp_path,
@@ -289,5 +291,14 @@ def test_separate_critic_starts_from_the_reward_models_score(tmp_path: Path, sft
     assert trainer.critic is not None
     h = torch.randn(3, 5, rm.model.config.hidden_size)
     with torch.no_grad():
-        want = rm.model.score(h).squeeze(-1) + 0.7
+        want = rm.model.score(h).squeeze(-1) * 2.0 + 0.7
         torch.testing.assert_close(trainer.critic.head(h), want)
+
+
+def test_reference_defaults_adam_eps_and_missing_eos_penalty(tmp_path: Path, sft_policy) -> None:
+    """Pinned reference choices (Huang et al. 2024; openai/lm-human-preferences): Adam eps 1e-5
+    even when the optim section is given, and a reply cut off without EOS scores 1 lower."""
+    trainer = PPOTrainer(make_cfg(tmp_path, sft_policy), score_fn=bright)
+    assert trainer.optimizer.param_groups[0]["eps"] == 1e-5
+    shaped = trainer._shape_scores(torch.tensor([2.0, 2.0]), torch.tensor([True, False]))
+    torch.testing.assert_close(shaped, torch.tensor([2.0, 1.0]))

@@ -208,17 +208,18 @@ def test_tiny_reward_model_learns_marker(tmp_path: Path) -> None:
     summary = train_reward(cfg)
     assert summary["eval_accuracy"] >= 0.95, summary
     assert summary["eval_accuracy_before"] < 0.8
-    # normalised: the chosen training responses average 0
+    # normalised without a policy: the responses of the first 128 training comparisons (256,
+    # chosen and rejected) score mean 0, std 1 (what was saved)
     rm = RewardModel.load(summary["final"])
-    assert rm.offset == pytest.approx(summary["offset"])
-    train = [
-        c
-        for c in marker_pairs(240)
-        if c not in read_records(tmp_path / "run/heldout.jsonl").records
-    ]
-    ref = train[:256]
-    mean = rm.score([c.prompt for c in ref], [c.chosen for c in ref]).mean().item()
-    assert abs(mean) < 0.05
+    assert (rm.offset, rm.gain) == pytest.approx((summary["offset"], summary["gain"]))
+    assert summary["normalize_source"] == "training comparisons"
+    held = read_records(tmp_path / "run/heldout.jsonl").records
+    ref = [c for c in marker_pairs(240) if c not in held][:128]
+    r = rm.score(
+        [c.prompt for c in ref for _ in (0, 1)], [x for c in ref for x in (c.chosen, c.rejected)]
+    )
+    assert r.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert {"train/accuracy", "train/margin", "train/pairs_per_s", "eval/accuracy"} <= set(
         k for r in rows for k in r
@@ -324,7 +325,8 @@ def test_ensemble_trains_members_on_one_split_and_averages(tmp_path: Path) -> No
     w = [m.model.score.weight for m in members]
     assert not torch.equal(w[0], w[1])
     prompts, responses = ["p", "q"], ["banana river", "x"]
-    expected = sum(m.score(prompts, responses) for m in members) / 2 + ens.offset
+    expected = sum(m.score(prompts, responses) for m in members) / 2 * ens.gain + ens.offset
+    assert ens.gain != 1.0 and all((m.gain, m.offset) == (1.0, 0.0) for m in members)
     torch.testing.assert_close(ens.score(prompts, responses), expected)
     assert s["ensemble"] == 2 and len(s["member_eval_accuracy"]) == 2 and "eval_accuracy" in s
     # frozen bottom: the embeddings did not move
@@ -338,3 +340,92 @@ def test_ensemble_trains_members_on_one_split_and_averages(tmp_path: Path) -> No
     assert ev["accuracy"] == pytest.approx(s["eval_accuracy"])
     again = train_reward(cfg_for(tmp_path, *args, n=80))
     assert again["member_eval_accuracy"] == s["member_eval_accuracy"]
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+class FixedScorer:
+    """Raw scores 1, 2, 3, 4 (whatever the responses): the maths of the map alone."""
+
+    def __init__(self) -> None:
+        self.gain, self.offset = 5.0, 3.0  # stale values: fitting must ignore them
+
+    def score(self, prompts, responses, *, batch_size: int = 16) -> torch.Tensor:
+        return torch.tensor([1.0, 2.0, 3.0, 4.0]) * self.gain + self.offset
+
+
+def test_fit_normalisation_hand_computed() -> None:
+    from palate.reward import fit_normalisation
+
+    scorer = FixedScorer()
+    fitted = fit_normalisation(scorer, ["p"] * 4, ["a", "b", "c", "d"])
+    # mean 2.5, population std √1.25 = 1.118034; gain 1/1.118034, offset −2.5·gain
+    assert fitted["raw_mean"] == pytest.approx(2.5)
+    assert fitted["raw_std"] == pytest.approx(1.118034, abs=1e-6)
+    assert scorer.gain == pytest.approx(0.894427, abs=1e-6)
+    assert scorer.offset == pytest.approx(-2.236068, abs=1e-6)
+    torch.testing.assert_close(
+        scorer.score([], []), torch.tensor([-1.341641, -0.447214, 0.447214, 1.341641])
+    )
+    fit_normalisation(scorer, ["p"] * 4, ["a"] * 4, target_mean=1.0, target_std=2.0)
+    assert (scorer.gain, scorer.offset) == pytest.approx((1.788854, 1.0 - 2.5 * 1.788854))
+
+
+def test_normalisation_on_the_initial_policys_samples(tmp_path: Path) -> None:
+    """lm-human-preferences' normalize_before: the reward of the initial policy's own samples
+    is mean 0, std 1 (not the chosen training responses')."""
+    from palate.reward.normalize import reference_set
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": f"Tell me about topic {i}."} for i in range(5)])
+    args = [
+        "train.max_steps=2",
+        "precision=fp32",
+        "normalize.policy=tiny",
+        f"normalize.prompts={prompts}",
+        "normalize.samples=12",
+        "normalize.sampling.max_new_tokens=6",
+        "normalize.batch_size=4",
+    ]
+    cfg = cfg_for(tmp_path, *args, n=40)
+    summary = train_reward(cfg)
+    assert summary["normalize_source"] == "tiny" and summary["normalize_samples"] == 12
+    rm = RewardModel.load(summary["final"])
+    # the same seed draws the same samples again: on them the saved model is mean 0, std 1
+    ps, rs, _ = reference_set(cfg.normalize, [], precision="fp32", seed=cfg.seed)
+    assert len(rs) == 12 and {str(p) for p in ps} <= {f"Tell me about topic {i}." for i in range(5)}
+    r = rm.score(ps, rs)
+    assert r.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    # ... while the chosen training responses are not what it was centred on
+    comps = marker_pairs(40)
+    assert abs(rm.score([c.prompt for c in comps], [c.chosen for c in comps]).mean().item()) > 0.05
+
+
+def test_normalisation_on_given_responses_and_bad_rows(tmp_path: Path) -> None:
+    rows = [{"prompt": f"q{i}", "response": "banana " * (i % 4 + 1)} for i in range(10)]
+    write_jsonl(tmp_path / "samples.jsonl", rows)
+    cfg = cfg_for(
+        tmp_path,
+        "train.max_steps=2",
+        "precision=fp32",
+        f"normalize.responses={tmp_path / 'samples.jsonl'}",
+        n=40,
+    )
+    rm = RewardModel.load(train_reward(cfg)["final"])
+    r = rm.score([x["prompt"] for x in rows], [x["response"] for x in rows])
+    assert r.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "q"}\n')
+    bad = cfg.model_copy(
+        update={
+            "normalize": cfg.normalize.model_copy(
+                update={"responses": str(tmp_path / "bad.jsonl")}
+            ),
+            "output_dir": str(tmp_path / "run2"),
+        }
+    )
+    from palate.errors import PalateError
+
+    with pytest.raises(PalateError, match="bad.jsonl"):
+        train_reward(bad)

@@ -73,6 +73,16 @@ def stage_pairs(run: Run) -> dict[str, Any]:
     ]
     d = run.dir("pairs")
     write_jsonl(d / "pairs.jsonl", rows)
+    # every sample, in demonstrations format: the initial policy's own responses, which the
+    # reward stage may normalise on (see stage_reward)
+    per_prompt = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    write_jsonl(
+        d / "samples.jsonl",
+        [
+            {"prompt": prompt_json(p), "response": g.text, "metadata": {"finished": g.finished}}
+            for p, g in zip(per_prompt, gens, strict=True)
+        ],
+    )
     summary = {
         "stage": "pairs",
         "pairs": len(rows),
@@ -179,11 +189,33 @@ def stage_labels(run: Run) -> dict[str, Any]:
 def stage_reward(run: Run) -> dict[str, Any]:
     from palate.reward import train_reward
 
+    return train_reward(reward_config(run))
+
+
+def reward_config(run: Run) -> RewardConfig:
+    """The run's reward stage as a plain ``palate reward train`` config.
+
+    Normalisation is on the initial policy's samples with PPO's sampling settings: the pairs
+    stage's samples when they were drawn with exactly those settings (free), else fresh samples
+    of the policy on the training prompts. Settings the user gave win.
+    """
     data = run.cfg.reward.model_dump()
+    given = run.cfg.reward.normalize.model_fields_set
+    norm = data["normalize"]
+    if not {"policy", "responses"} & given:
+        samples = run.dir("pairs") / "samples.jsonl"
+        if run.cfg.pairs.sampling == run.cfg.ppo.sampling and samples.is_file():
+            norm["responses"] = str(samples)
+        else:
+            norm["policy"] = run.policy
+            if "prompts" not in given:
+                norm["prompts"] = str(run.root / "prompts" / "train.jsonl")
+            if "sampling" not in given:
+                norm["sampling"] = run.cfg.ppo.sampling.model_dump()
     data.update(
         data=str(run.dir("labels") / "comparisons.jsonl"), output_dir=str(run.dir("reward"))
     )
-    return train_reward(RewardConfig.model_validate(data))
+    return RewardConfig.model_validate(data)
 
 
 def ppo_config(run: Run) -> PPOConfig:

@@ -19,6 +19,7 @@ __all__ = [
     "CriticSettings",
     "KLSettings",
     "PPOConfig",
+    "PPOOptimSettings",
     "PPORecipe",
     "PPOSettings",
     "RewardShaping",
@@ -26,12 +27,30 @@ __all__ = [
 ]
 
 
+class PPOOptimSettings(OptimSettings):
+    """PPO's optimiser: AdamW with the references' epsilon 1e-5 (openai/lm-human-preferences
+    and Huang et al. 2024 use Adam(eps=1e-5); with 1e-8, parameters whose second moment is tiny
+    take near-sign-sized steps), a constant learning rate and no warm-up."""
+
+    lr: float = Field(5e-5, gt=0, description="Learning rate (AdamW).")
+    eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 as in the references).")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "constant", description="Decay after warm-up: cosine, linear (to 0) or constant."
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, le=1, description="Fraction of optimiser steps spent warming up linearly."
+    )
+
+
 class RewardShaping(Config):
     """How scores become PPO's reward: batching, missing-EOS penalty, clipping, whitening."""
 
     batch_size: int = Field(16, ge=1, description="Sequences scored together by a reward model.")
     missing_eos_penalty: float | None = Field(
-        None, description="Subtract this from the score of responses that never emit EOS."
+        1.0,
+        description="Subtract this from the score of responses cut off at max_new_tokens (no "
+        "EOS); a palate reward model's unit is one std of the initial policy's rewards. "
+        "null: off.",
     )
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     normalize: bool = Field(
@@ -137,9 +156,8 @@ class PPORecipe(StageSettings):
     kl: KLSettings = Field(default_factory=KLSettings, description="KL penalty.")
     critic: CriticSettings = Field(default_factory=CriticSettings, description="Critic.")
     ppo: PPOSettings = Field(default_factory=PPOSettings, description="PPO.")
-    optim: OptimSettings = Field(
-        default_factory=lambda: OptimSettings(lr=5e-5, schedule="constant", warmup_ratio=0.0),
-        description="Optimiser (policy, value head and critic).",
+    optim: PPOOptimSettings = Field(
+        default_factory=PPOOptimSettings, description="Optimiser (policy, value head and critic)."
     )
     sample_every: int = Field(5, ge=1, description="Write sample responses every N updates.")
     checkpoint_every: int = Field(5, ge=1, description="Checkpoint every N updates.")

@@ -8,7 +8,9 @@ __all__ = ["SeparateCritic", "ValueHead"]
 
 
 class ValueHead(torch.nn.Module):
-    """Scalar value per position from a backbone's hidden states (zero-initialised)."""
+    """Scalar value per position from a backbone's hidden states (zero-initialised), computed
+    in fp32 even under bf16 autocast (returns and advantages are fp32; the references' value
+    head is fp32)."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -17,7 +19,8 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, H) → (B, T)
-        return self.linear(h.to(self.linear.weight.dtype)).squeeze(-1)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.linear(h.to(self.linear.weight.dtype)).squeeze(-1)
 
 
 class SeparateCritic(torch.nn.Module):

@@ -228,10 +228,10 @@ class PPOTrainer:
             src = copy.deepcopy(base_model(rm.model))
             decoder, score = src.model, src.score
             head = ValueHead(score.in_features)
-            with torch.no_grad():  # V starts as the reward model's score, offset included
-                head.linear.weight.copy_(score.weight[:1])
+            with torch.no_grad():  # V starts as the reward model's normalised score
+                head.linear.weight.copy_(score.weight[:1] * rm.gain)
                 bias = float(score.bias[0]) if score.bias is not None else 0.0
-                head.linear.bias.fill_(bias + rm.offset)
+                head.linear.bias.fill_(bias * rm.gain + rm.offset)
         else:
             if cfg.critic.init == "reward_model" and rm is not None:
                 console.print(

@@ -2,9 +2,9 @@
 
 It is trained on comparisons with the Bradley-Terry model: the probability that ``chosen`` beats
 ``rejected`` is ``σ(r_chosen − r_rejected)`` (see :func:`preference_loss` for ties, margins, soft
-labels, label smoothing and the centring term). After training, scores are shifted so the mean
-score of a reference set (the chosen training responses) is 0, and the shift is stored with the
-model, so PPO sees centred rewards.
+labels, label smoothing and the centring term). After training, an affine map (gain, offset) is
+fitted so the rewards of the initial policy's own samples have mean 0 and std 1, and stored with
+the model, so PPO sees rewards in the same units whatever the reward model.
 
 Where things are:
 
@@ -13,6 +13,8 @@ Where things are:
   score / save), :class:`RewardEnsemble`, :func:`load_reward_model` (what PPO and raters load).
 * :mod:`palate.reward.train` — :class:`RewardTrainer` and :func:`train_reward`
   (``palate reward train``), ensembles.
+* :mod:`palate.reward.normalize` — :func:`fit_normalisation`: the gain and offset, fitted on
+  the initial policy's samples (lm-human-preferences' ``normalize_before``).
 * :mod:`palate.reward.metrics` — accuracy, calibration and length-bias checks
   (:func:`evaluate_reward`, ``palate reward eval``) and :func:`score_file`
   (``palate reward score``).
@@ -23,6 +25,7 @@ from palate.reward.config import (
     RewardConfig,
     RewardEvalConfig,
     RewardLossSettings,
+    RewardNormalization,
     RewardRecipe,
     RewardScoreConfig,
     RewardTrainSettings,
@@ -42,6 +45,7 @@ from palate.reward.model import (
     ScoreFn,
     load_reward_model,
 )
+from palate.reward.normalize import fit_normalisation
 from palate.reward.train import RewardTrainer, train_reward
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "RewardLossSettings",
     "RewardModel",
     "RewardModelScorer",
+    "RewardNormalization",
     "RewardRecipe",
     "RewardScoreConfig",
     "RewardTrainSettings",
@@ -58,6 +63,7 @@ __all__ = [
     "ScoreFn",
     "evaluate_reward",
     "expected_calibration_error",
+    "fit_normalisation",
     "preference_loss",
     "preference_metrics",
     "score_comparisons",

@@ -12,12 +12,14 @@ from typing import Literal
 from pydantic import Field
 
 from palate.config import Config
+from palate.sampling import SamplingConfig
 from palate.training import LoraSettings, OptimSettings, StageConfig, StageSettings, TrainSettings
 
 __all__ = [
     "RewardConfig",
     "RewardEvalConfig",
     "RewardLossSettings",
+    "RewardNormalization",
     "RewardRecipe",
     "RewardScoreConfig",
     "RewardTrainSettings",
@@ -54,6 +56,41 @@ class RewardTrainSettings(TrainSettings):
         description="Sort a batch's 2B sequences (chosen and rejected) by length and run them "
         "as this many forwards: less padding than one forward over all.",
     )
+
+
+class RewardNormalization(Config):
+    """The affine map ``gain · raw + offset`` fitted after training and saved with the model.
+
+    With a ``policy`` (``palate run`` sets the run's initial policy), the reference set is that
+    policy's own samples on ``prompts``, made mean 0 and std 1 — as in Ziegler et al. 2019
+    (openai/lm-human-preferences, ``normalize_before``) and Huang et al. 2024 ("The N+
+    Implementation Details of RLHF with PPO"): PPO's KL coefficient, the missing-EOS penalty and
+    the value clip then mean the same at every reward model. Without one, the responses (chosen
+    and rejected) of the first ``samples`` training comparisons stand in for the policy's.
+    """
+
+    enabled: bool = Field(True, description="Fit and apply the normalisation.")
+    policy: str | None = Field(
+        None,
+        description="The initial policy (model spec or directory) whose samples form the "
+        "reference set; null: the training comparisons' responses.",
+    )
+    prompts: str | None = Field(
+        None, description="Prompts to sample the policy on; default: the comparisons' prompts."
+    )
+    responses: str | None = Field(
+        None,
+        description="Or a JSONL of (prompt, response) rows already sampled from the initial "
+        "policy (``palate run`` passes the pairs stage's samples when their sampling is PPO's).",
+    )
+    samples: int = Field(256, ge=2, description="Size of the reference set.")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0),
+        description="How the policy is sampled (use PPO's settings).",
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts sampled together.")
+    target_mean: float = Field(0.0, description="Mean of the reference rewards after the map.")
+    target_std: float = Field(1.0, gt=0, description="Their standard deviation after the map.")
 
 
 def _rm_optim() -> OptimSettings:
@@ -111,11 +148,9 @@ class RewardRecipe(StageSettings):
     optim: OptimSettings = Field(default_factory=_rm_optim, description="Optimiser.")
     loss: RewardLossSettings = Field(default_factory=RewardLossSettings, description="Loss.")
     train: RewardTrainSettings = Field(default_factory=RewardTrainSettings, description="Training.")
-    normalize: bool = Field(
-        True, description="Shift scores so the chosen training responses average 0."
-    )
-    normalize_examples: int = Field(
-        256, ge=1, description="How many chosen training responses form that reference set."
+    normalize: RewardNormalization = Field(
+        default_factory=RewardNormalization,
+        description="Make rewards mean 0, std 1 on the initial policy's samples.",
     )
 
 

@@ -4,8 +4,8 @@ A reward model is any Hugging Face backbone with a scalar head
 (``AutoModelForSequenceClassification``, ``num_labels=1``): causal LMs are scored at the last
 real token of prompt + response (the EOS we append; padding is a distinct token), encoders such
 as ``minilm-l6`` by their pooled ``[CLS]`` embedding of the (prompt, response) pair (or the
-mask-averaged token states with ``pooling: mean``). ``score`` adds the stored offset, so PPO
-sees centred rewards.
+mask-averaged token states with ``pooling: mean``). ``score`` applies the stored gain and offset
+(fitted so the initial policy's rewards have mean 0 and std 1), so PPO sees normalised rewards.
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ class Encoded:
 class RewardModel:
     """A backbone with a scalar head, its tokenizer, and how to turn (prompt, response) into ids.
 
-    ``score(prompts, responses)`` returns a float tensor of rewards (offset applied), batched;
-    this is what PPO calls.
+    ``score(prompts, responses)`` returns a float tensor of rewards, ``gain · raw + offset``,
+    batched; this is what PPO calls. ``gain`` and ``offset`` are the normalisation fitted after
+    training (:mod:`palate.reward.normalize`) and saved with the model.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class RewardModel:
         kind: str,
         max_length: int = 512,
         offset: float = 0.0,
+        gain: float = 1.0,
         base_spec: str | None = None,
         pooling: str = "cls",
     ):
@@ -95,6 +97,7 @@ class RewardModel:
         self.kind = kind
         self.max_length = max_length
         self.offset = offset
+        self.gain = gain
         self.base_spec = base_spec
         self.pooling = pooling
         self.precision = "fp32"
@@ -162,6 +165,7 @@ class RewardModel:
             kind=meta["kind"],
             max_length=meta["max_length"],
             offset=meta.get("offset", 0.0),
+            gain=meta.get("gain", 1.0),
             base_spec=meta.get("base_spec"),
             pooling=meta.get("pooling", "cls"),
         )
@@ -181,6 +185,7 @@ class RewardModel:
             "kind": self.kind,
             "max_length": self.max_length,
             "offset": self.offset,
+            "gain": self.gain,
             "base_spec": self.base_spec,
             "pooling": self.pooling,
         }
@@ -266,7 +271,7 @@ class RewardModel:
         *,
         batch_size: int = 16,
     ) -> torch.Tensor:
-        """Rewards for each (prompt, response), offset applied: a float tensor of shape (N,)."""
+        """Rewards ``gain · raw + offset`` for each (prompt, response): a float tensor (N,)."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         was = self.model.training
@@ -284,22 +289,23 @@ class RewardModel:
                     out[idx] = self.forward(batch).cpu()
         finally:
             self.model.train(was)
-        return out + self.offset
+        return out * self.gain + self.offset
 
 
 class RewardEnsemble:
     """K reward models trained on the same comparisons from different seeds; the reward is the
-    mean of their scores (plus one offset). Averaging cancels much of each member's
+    mean of their raw scores, times one gain, plus one offset. Averaging cancels much of each member's
     seed-specific error: more accurate, better calibrated, and harder for PPO to exploit
     (Coste et al. 2023), at K times the scoring cost. Same interface as :class:`RewardModel`;
     ``RewardModel.load`` returns one when the directory holds an ensemble.
     """
 
-    def __init__(self, members: Sequence[RewardModel], offset: float = 0.0):
+    def __init__(self, members: Sequence[RewardModel], offset: float = 0.0, gain: float = 1.0):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
         self.offset = offset
+        self.gain = gain
 
     @property
     def kind(self) -> str:
@@ -334,18 +340,18 @@ class RewardEnsemble:
     def score(
         self, prompts: Sequence[Prompt], responses: Sequence[str], *, batch_size: int = 16
     ) -> torch.Tensor:
-        """Mean of the members' rewards, plus the ensemble's offset: (N,)."""
+        """``gain · (mean of the members' rewards) + offset``: (N,)."""
         total = self.members[0].score(prompts, responses, batch_size=batch_size)
         for m in self.members[1:]:
             total = total + m.score(prompts, responses, batch_size=batch_size)
-        return total / len(self.members) + self.offset
+        return total / len(self.members) * self.gain + self.offset
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         names = [f"member-{k}" for k in range(len(self.members))]
         for name, m in zip(names, self.members, strict=True):
             m.save(path / name)
-        meta = {"kind": self.kind, "members": names, "offset": self.offset}
+        meta = {"kind": self.kind, "members": names, "offset": self.offset, "gain": self.gain}
         (path / META_FILE).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -353,7 +359,7 @@ class RewardEnsemble:
         path = Path(path)
         meta = json.loads((path / META_FILE).read_text())
         members = [RewardModel.load(path / name, **kwargs) for name in meta["members"]]
-        return cls(members, offset=meta.get("offset", 0.0))
+        return cls(members, offset=meta.get("offset", 0.0), gain=meta.get("gain", 1.0))
 
 
 class RewardModelScorer:

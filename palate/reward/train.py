@@ -28,6 +28,7 @@ from palate.reward.model import (
     encode_pairs,
     forward_pairs,
 )
+from palate.reward.normalize import fit_normalisation, reference_set
 from palate.rundir import RunDir
 from palate.training import (
     LoopResult,
@@ -113,6 +114,7 @@ class RewardTrainer(StepTrainer[RewardConfig]):
 
     def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
         self.train_pairs, self.eval_pairs = self.encode()  # comparisons → token ids
+        reference = reference_responses(self.cfg, self.train_comps, self.precision)
         self.rm.model = self.prepare(self.rm.model, len(self.train_pairs))  # optimiser, resume
         eval_start = self.evaluate() if self.start_step == 0 else {}
         if eval_start:
@@ -125,9 +127,9 @@ class RewardTrainer(StepTrainer[RewardConfig]):
             return summary
         self.rm.model = self.acc.unwrap_model(self.rm.model)
         self.rm.model.eval()
-        if self.cfg.normalize:
-            self.normalise()
-        summary["offset"] = self.rm.offset
+        if reference is not None:  # gain and offset: the initial policy's rewards ~ (0, 1)
+            summary.update(normalise(self.rm, self.cfg, reference))
+        summary["offset"], summary["gain"] = self.rm.offset, self.rm.gain
         if self.acc.is_main_process:
             self.save(summary)
         self.acc.end_training()
@@ -243,14 +245,6 @@ class RewardTrainer(StepTrainer[RewardConfig]):
         }
         save_file(trainable, path / "trainable.safetensors")
 
-    def normalise(self) -> None:
-        """Shift scores so the chosen responses of the first ``normalize_examples`` training
-        comparisons average 0 (the shift is saved with the model)."""
-        ref = self.train_comps[: self.cfg.normalize_examples]
-        self.rm.offset = 0.0
-        raw = self.rm.score([c.prompt for c in ref], [c.chosen for c in ref])
-        self.rm.offset = -float(raw.mean())
-
     def save(self, summary: dict[str, Any]) -> None:
         """``final/``, the held-out metrics of the saved model, and ``summary.json``."""
         self.rm.save(self.run.final)
@@ -288,10 +282,17 @@ def train_ensemble(cfg: RewardConfig, *, stop_after: int | None) -> dict[str, An
     run.create(cfg)
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     members: list[dict[str, Any]] = []
+    train_c, eval_c = split_comparisons(cfg)  # the members' split (split_seed, else seed)
+    reference = reference_responses(
+        cfg,
+        train_c,
+        resolve_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu"),
+    )
     for k in range(cfg.ensemble):
         member_dir = run.path / "members" / f"member-{k}"
         sub = cfg.model_copy(
             update={
+                "normalize": cfg.normalize.model_copy(update={"enabled": False}),
                 "ensemble": 1,
                 "seed": cfg.seed + k,
                 "split_seed": split_seed,
@@ -308,12 +309,10 @@ def train_ensemble(cfg: RewardConfig, *, stop_after: int | None) -> dict[str, An
         members.append(summary)
     ens = RewardEnsemble([RewardModel.load(Path(m["final"])) for m in members])
     ens.precision = resolve_precision(cfg.precision, ens.device)
-    train_c, eval_c = split_comparisons(cfg)  # the members' split (split_seed, else seed)
-    if cfg.normalize:
-        ref = train_c[: cfg.normalize_examples]
-        ens.offset = -float(ens.score([c.prompt for c in ref], [c.chosen for c in ref]).mean())
+    fitted = normalise(ens, cfg, reference) if reference is not None else {}
     ens.save(run.final)
     summary = {
+        **fitted,
         "stage": "reward",
         "output_dir": str(run.path),
         "final": str(run.final),
@@ -323,6 +322,7 @@ def train_ensemble(cfg: RewardConfig, *, stop_after: int | None) -> dict[str, An
         "train_seconds": sum(m.get("train_seconds") or 0 for m in members),
         "member_eval_accuracy": [m.get("eval_accuracy") for m in members],
         "offset": ens.offset,
+        "gain": ens.gain,
         "truncated_pairs": members[0].get("truncated_pairs"),
         "precision": ens.precision,
     }
@@ -334,3 +334,43 @@ def train_ensemble(cfg: RewardConfig, *, stop_after: int | None) -> dict[str, An
         summary.update({f"eval_{k}": v for k, v in heldout.items()})
     run.write_summary(summary)
     return summary
+
+
+Reference = tuple[list[Any], list[str], str]  # (prompts, responses, where they came from)
+
+
+def reference_responses(
+    cfg: RewardConfig, comparisons: list[Comparison], precision: str
+) -> Reference | None:
+    """The responses normalisation will be fitted on, gathered *before* training so a bad
+    file or policy fails fast; None when normalisation is off."""
+    if not cfg.normalize.enabled:
+        return None
+    return reference_set(cfg.normalize, comparisons, precision=precision, seed=cfg.seed)
+
+
+def normalise(
+    scorer: RewardModel | RewardEnsemble, cfg: RewardConfig, reference: Reference
+) -> dict[str, Any]:
+    """Fit the scorer's gain and offset on ``reference``; the summary's fields."""
+    prompts, responses, source = reference
+    settings = cfg.normalize
+    fitted = fit_normalisation(
+        scorer,
+        prompts,
+        responses,
+        target_mean=settings.target_mean,
+        target_std=settings.target_std,
+        batch_size=cfg.train.batch_size * 2,
+    )
+    console.print(
+        f"normalised on {len(responses)} responses ({source}): raw mean "
+        f"{fitted['raw_mean']:.3f}, std {fitted['raw_std']:.3f} → gain {fitted['gain']:.3f}, "
+        f"offset {fitted['offset']:.3f}"
+    )
+    return {
+        "normalize_source": source,
+        "normalize_samples": len(responses),
+        "normalize_raw_mean": fitted["raw_mean"],
+        "normalize_raw_std": fitted["raw_std"],
+    }
