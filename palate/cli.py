@@ -28,12 +28,14 @@ from palate.config import Config, describe_config, load_config
 from palate.errors import PalateError
 from palate.generate import GenerateConfig, generate
 from palate.label.campaign import (
+    LabelAccessConfig,
     LabelCreateConfig,
     LabelExportConfig,
     LabelUserConfig,
     add_label_user,
     create_label_campaign,
     export_label_campaign,
+    label_access,
 )
 from palate.pipeline import STAGES as RUN_STAGES
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
@@ -185,12 +187,16 @@ def data_validate(
 @config_app.command("show")
 def config_show(
     stage_name: Annotated[
-        str, typer.Argument(metavar="STAGE", help="Stage name, e.g. sft or 'reward train'.")
-    ],
+        str | None,
+        typer.Argument(metavar="STAGE", help="Stage name, e.g. sft or 'reward train'."),
+    ] = None,
 ) -> None:
     """Print a stage's config as commented YAML: every field, its default and description."""
     import yaml
 
+    if stage_name is None:
+        out.print("palate config show STAGE — stages: " + ", ".join(sorted(COMMANDS)))
+        return
     stage_name = stage_name.replace("-", " ").replace(".", " ")
     if stage_name not in COMMANDS:
         raise PalateError(f"unknown stage {stage_name!r}; stages: {', '.join(sorted(COMMANDS))}")
@@ -282,6 +288,12 @@ stage(
     "Add a rater or admin; prints their invite link path and API token (shown once).",
     label_app,
 )(add_label_user)
+stage(
+    "label access",
+    LabelAccessConfig,
+    "A user's access: new invite link, revoke it, new API token, (de)activate, sign out.",
+    label_app,
+)(label_access)
 
 
 @app.command("run")

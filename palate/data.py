@@ -55,6 +55,8 @@ __all__ = [
     "split_heldout",
     "split_hh_pair",
     "validate_file",
+    "PairRecord",
+    "format_validation_error",
     "read_jsonl",
     "write_jsonl",
 ]
@@ -139,6 +141,35 @@ class Comparison(_Record):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     _v = field_validator("prompt")(_check_prompt)
+
+
+class PairRecord(_Record):
+    """Two responses to one prompt, to be compared by raters (a labeling campaign's row)."""
+
+    prompt: Prompt
+    response_a: str
+    response_b: str
+    source_a: str = Field("", max_length=200, description="Which model wrote response_a.")
+    source_b: str = Field("", max_length=200, description="Which model wrote response_b.")
+    gold: Literal["a", "b", "tie", "both_bad"] | None = Field(
+        None, description="Known answer (a honeypot pair for rater quality)."
+    )
+    id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _v = field_validator("prompt")(_check_prompt)
+
+    @field_validator("response_a", "response_b")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("response is empty")
+        return v
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """A pydantic error as ``field X: what is wrong; ...`` (one line)."""
+    return _format_error(err)
 
 
 _MODEL_FOR_KIND: dict[str, type[PromptRecord | Demonstration | Comparison]] = {

@@ -22,3 +22,8 @@ class DataError(PalateError):
 
 class ModelLoadError(PalateError):
     """A model spec cannot be resolved or loaded."""
+
+
+class ConflictError(PalateError):
+    """A request lost a race or repeats one that already took effect (HTTP 409): labelling an
+    assignment that is already labelled, skipped or expired."""

@@ -8,13 +8,33 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from palate.config import Config
-from palate.data import Prompt, prompt_json, read_records, write_jsonl
+from palate.data import (
+    Comparison,
+    PairRecord,
+    Prompt,
+    format_validation_error,
+    prompt_json,
+    read_records,
+    write_jsonl,
+)
 from palate.errors import ConfigError, DataError
 from palate.label.db import ANSWERS, Answer, Campaign, open_db
-from palate.label.store import PairIn, create_campaign, create_user, export_rows
+from palate.label.store import (
+    MAX_OVERLAP,
+    PairIn,
+    create_campaign,
+    create_user,
+    end_sessions,
+    export_rows,
+    issue_invite,
+    revoke_invite,
+    rotate_api_token,
+    set_active,
+    user_by_name,
+)
 
 if TYPE_CHECKING:  # torch is imported only when sampling
     from palate.sampling import Generated, SamplingConfig
@@ -36,7 +56,12 @@ class LabelCreateConfig(Config):
     max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts.")
     max_new_tokens: int = Field(128, ge=1, description="Sampling length.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    overlap: int = Field(1, ge=1, description="Raters per pair.")
+    overlap: int = Field(1, ge=1, le=MAX_OVERLAP, description="Raters per pair.")
+    assignment_timeout_minutes: int = Field(
+        30,
+        ge=1,
+        description="An open assignment not answered within this is released to other raters.",
+    )
     guidelines: str | None = Field(None, description="Markdown file shown to raters.")
     answers: list[Answer] = Field(
         default_factory=lambda: list(ANSWERS), description="Allowed answers."
@@ -59,9 +84,9 @@ def _read_pairs(path: str) -> list[PairIn]:
 
 
 def parse_pairs(text: str, name: str = "pairs") -> list[PairIn]:
-    """JSONL rows {prompt, response_a, response_b[, gold, source_a, source_b]} or comparisons
-    {prompt, chosen, rejected}; errors name the line."""
-    path = name
+    """JSONL rows {prompt, response_a, response_b[, gold, source_a, source_b, id, metadata]} or
+    comparisons {prompt, chosen, rejected, ...}, validated as ``palate data validate`` does:
+    the first bad row raises a DataError naming the line and the field."""
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -69,33 +94,40 @@ def parse_pairs(text: str, name: str = "pairs") -> list[PairIn]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: not JSON ({err.msg})") from err
-        if "response_a" in row and "response_b" in row and "prompt" in row:
-            out.append(
-                PairIn(
-                    prompt=row["prompt"],
-                    response_a=row["response_a"],
-                    response_b=row["response_b"],
-                    source_a=row.get("source_a", ""),
-                    source_b=row.get("source_b", ""),
+            raise DataError(f"{name}:{n}: not JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
+        try:
+            if {"chosen", "rejected"} <= set(row) and "response_a" not in row:
+                c = Comparison.model_validate({k: v for k, v in row.items() if k != "gold"})
+                record = PairRecord(
+                    prompt=c.prompt,
+                    response_a=c.chosen,
+                    response_b=c.rejected,
                     gold=row.get("gold"),
-                    meta=row.get("metadata") or {},
+                    metadata=c.metadata,
                 )
-            )
-        elif {"prompt", "chosen", "rejected"} <= set(row):
-            prompt = row["prompt"]
-            out.append(
-                PairIn(
-                    prompt=prompt,
-                    response_a=row["chosen"],
-                    response_b=row["rejected"],
-                    gold=row.get("gold"),
+            elif "response_a" in row or "response_b" in row:
+                record = PairRecord.model_validate(row)
+            else:
+                raise DataError(
+                    f"{name}:{n}: expected prompt with response_a/response_b (or chosen/rejected)"
                 )
+        except ValidationError as err:
+            raise DataError(f"{name}:{n}: {format_validation_error(err)}") from err
+        out.append(
+            PairIn(
+                prompt=prompt_json(record.prompt),
+                response_a=record.response_a,
+                response_b=record.response_b,
+                source_a=record.source_a,
+                source_b=record.source_b,
+                gold=record.gold,
+                meta=record.metadata,
             )
-        else:
-            raise DataError(
-                f"{path}:{n}: expected prompt with response_a/response_b (or chosen/rejected)"
-            )
+        )
+    if not out:
+        raise DataError(f"{name}: no pairs (the file is empty)")
     return out
 
 
@@ -173,7 +205,8 @@ def create_label_campaign(cfg: LabelCreateConfig) -> dict[str, Any]:
             overlap=cfg.overlap,
             guidelines=guidelines,
             answers=cfg.answers,
-            source=str(cfg.model or cfg.pairs),
+            source=str(cfg.model or cfg.pairs)[:200],
+            assignment_timeout_s=cfg.assignment_timeout_minutes * 60,
         )
         return {
             "stage": "label-create",
@@ -233,3 +266,43 @@ def add_label_user(cfg: LabelUserConfig) -> dict[str, Any]:
         "invite_path": f"/invite/{invite}",
         "api_token": api,
     }
+
+
+class LabelAccessConfig(Config):
+    """Config for ``palate label access``."""
+
+    db: str = Field(description="Database URL or SQLite file path.")
+    name: str = Field(description="The user.")
+    action: Literal[
+        "invite", "revoke-invite", "api-token", "deactivate", "activate", "sign-out"
+    ] = Field(
+        description="invite: a new invite link (the old one stops working); revoke-invite; "
+        "api-token: a new API token; deactivate / activate the user; sign-out: end every "
+        "browser session."
+    )
+    invite_days: float = Field(7.0, gt=0, description="How long a new invite link works.")
+
+
+def label_access(cfg: LabelAccessConfig) -> dict[str, Any]:
+    """Manage one user's access; prints a new invite path or API token when one is made."""
+    import datetime as dt
+
+    factory = open_db(cfg.db)
+    out: dict[str, Any] = {"stage": "label-access", "name": cfg.name, "action": cfg.action}
+    with factory() as db:
+        user = user_by_name(db, cfg.name)
+        if user is None:
+            raise ConfigError(f"{cfg.db}: no user named {cfg.name!r}")
+        if cfg.action == "invite":
+            token = issue_invite(db, user, dt.timedelta(days=cfg.invite_days))
+            out["invite_path"] = f"/invite/{token}"
+            out["invite_expires_at"] = str(user.invite_expires_at)
+        elif cfg.action == "revoke-invite":
+            revoke_invite(db, user)
+        elif cfg.action == "api-token":
+            out["api_token"] = rotate_api_token(db, user)
+        elif cfg.action in ("deactivate", "activate"):
+            set_active(db, user, cfg.action == "activate")
+        else:
+            out["sessions_ended"] = end_sessions(db, user)
+    return out

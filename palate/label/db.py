@@ -43,9 +43,11 @@ __all__ = [
     "Assignment",
     "Base",
     "Campaign",
+    "CampaignRater",
     "Label",
     "Pair",
     "User",
+    "WebSession",
     "open_db",
 ]
 
@@ -72,9 +74,27 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(120), unique=True)
     role: Mapped[str] = mapped_column(String(16))  # admin | rater
     password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    invite_token: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    # the invite link's token, hashed (sha256); null once revoked
+    invite_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    invite_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     api_token_hash: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)  # False: no sign-in, no API
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie holds a random token, the database its hash, so logout,
+    deactivation and expiry take effect at once. ``flash`` holds one-time data for the next
+    page (a new user's invite link, shown once) — never the cookie."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    flash: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Campaign(Base):
@@ -88,9 +108,22 @@ class Campaign(Base):
     overlap: Mapped[int] = mapped_column(Integer, default=1)
     answers: Mapped[list[str]] = mapped_column(JSON, default=lambda: list(ANSWERS))
     source: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active|paused|closed
+    # an open assignment older than this is released (its slot goes to the next rater)
+    assignment_timeout_s: Mapped[int] = mapped_column(Integer, default=1800)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
     pairs: Mapped[list[Pair]] = relationship(back_populates="campaign")
+
+
+class CampaignRater(Base):
+    """A rater the admin assigned to a campaign. A campaign with none is open to every rater;
+    with some, only to them."""
+
+    __tablename__ = "campaign_raters"
+
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
 
 
 class Pair(Base):
@@ -123,7 +156,8 @@ class Assignment(Base):
     rater_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     swapped: Mapped[bool] = mapped_column(Boolean)  # True: response_b was shown on the left
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | done | skipped
+    # open | done | skipped | expired (released after the campaign's timeout)
+    status: Mapped[str] = mapped_column(String(16), default="open", index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
 
     pair: Mapped[Pair] = relationship()

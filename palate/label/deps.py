@@ -12,13 +12,13 @@ import secrets
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
-from palate.label.db import Assignment, Campaign, User
-from palate.label.store import export_rows, user_by_token
+from palate.label.db import Assignment, Campaign, User, WebSession
+from palate.label.store import export_rows, session_of, user_by_token
 
 
 def get_db(request: Request) -> Iterator[Session]:
@@ -31,13 +31,20 @@ def get_db(request: Request) -> Iterator[Session]:
 DB = Annotated[Session, Depends(get_db)]
 
 
+def web_session(request: Request, db: Session) -> tuple[WebSession, User] | None:
+    """The request's live server-side session and its user (the signed cookie carries only a
+    random session token and the CSRF token)."""
+    token = request.session.get("sid")
+    return session_of(db, token) if token else None
+
+
 def current_user(request: Request, db: DB) -> User:
-    """The logged-in user of a page; without a session, a redirect to the login page."""
-    user_id = request.session.get("uid")
-    user = db.get(User, user_id) if user_id is not None else None
-    if user is None:
+    """The logged-in user of a page; without a live session, a redirect to the login page."""
+    found = web_session(request, db)
+    if found is None:
+        request.session.pop("sid", None)
         raise HTTPException(status_code=303, headers={"Location": "/login"})
-    return user
+    return found[1]
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
@@ -81,16 +88,31 @@ def check_csrf(request: Request, token: str) -> None:
         raise HTTPException(status_code=403, detail="CSRF token missing or wrong")
 
 
-def render(request: Request, name: str, user: User | None = None, **context: Any) -> HTMLResponse:
+def render(
+    request: Request,
+    name: str,
+    user: User | None = None,
+    *,
+    status_code: int = 200,
+    **context: Any,
+) -> HTMLResponse:
     """The template ``name`` with the user and the CSRF token in its context."""
     templates: Jinja2Templates = request.app.state.templates
     return templates.TemplateResponse(
-        request, name, {"user": user, "csrf": csrf_token(request), **context}
+        request,
+        name,
+        {"user": user, "csrf": csrf_token(request), **context},
+        status_code=status_code,
     )
 
 
+# Database ids are signed 64-bit: anything outside is a 404 before it reaches the database.
+MAX_ID = 2**63 - 1
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
+
+
 def campaign_or_404(db: Session, campaign_id: int) -> Campaign:
-    campaign = db.get(Campaign, campaign_id)
+    campaign = db.get(Campaign, campaign_id) if 1 <= campaign_id <= MAX_ID else None
     if campaign is None:
         raise HTTPException(status_code=404, detail="no such campaign")
     return campaign
@@ -100,10 +122,19 @@ def assignment_or_404(
     db: Session, assignment_id: int, campaign_id: int | None = None
 ) -> Assignment:
     """The assignment, which must belong to ``campaign_id`` when that is given (404 otherwise)."""
-    assignment = db.get(Assignment, assignment_id)
+    assignment = db.get(Assignment, assignment_id) if 1 <= assignment_id <= MAX_ID else None
     if assignment is None or (campaign_id is not None and assignment.campaign_id != campaign_id):
         raise HTTPException(status_code=404, detail="no such assignment")
     return assignment
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition header for any file name: an ASCII fallback (quotes, controls and
+    non-ASCII replaced) plus the exact UTF-8 name (RFC 6266 / RFC 5987)."""
+    from urllib.parse import quote
+
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 def export_body(db: Session, campaign: Campaign) -> str:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from palate.config import Config
 from palate.errors import ConfigError
 from palate.label.db import Campaign, User
-from palate.label.store import create_user, progress
+from palate.label.store import create_user, invite_status, issue_invite, progress
 from palate.progress import console, progress_bar
 
 __all__ = [
@@ -71,12 +71,18 @@ def ensure_accounts(
     factory: sessionmaker[Session], path: Path, people: PeopleSettings, campaign_id: int
 ) -> dict[str, Any]:
     """Create the admin and rater accounts once; their invite links and API tokens are kept
-    (mode 0600) in ``path``, the only place they exist in the clear."""
+    (mode 0600) in ``path``, the only place they exist in the clear. An invite link that has
+    expired since (a wait of more than a week) is re-issued."""
     known: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"accounts": {}}
     wanted = [(people.admin, "admin")] + [(name, "rater") for name in people.raters]
     with factory() as db:
         for name, role in wanted:
             if name in known["accounts"]:
+                kept = known["accounts"][name]
+                user = db.scalar(select(User).where(User.name == name))
+                expired = kept.get("invite") and invite_status(db, kept["invite"])[1] == "expired"
+                if expired and user is not None:  # a wait of more than a week
+                    kept["invite"] = issue_invite(db, user)
                 continue
             if db.scalar(select(User).where(User.name == name)) is not None:
                 known["accounts"][name] = {"role": role, "invite": None, "api_token": None}

@@ -1,28 +1,83 @@
-"""What the web pages and the JSON API both call: raters, campaigns, assignment, labels, export.
+"""What the web pages and the JSON API both call: raters, sessions, campaigns, assignment,
+labels, export.
 
-Assignment is safe under concurrency on SQLite and PostgreSQL alike without table locks: a rater
-claims a slot on a pair with one conditional ``UPDATE pairs SET n_assigned = n_assigned + 1
-WHERE id = ? AND n_assigned < overlap`` (atomic per row), and the unique (pair, rater)
-constraint stops a rater getting the same pair twice. A skipped assignment gives its slot back.
+Every state change is a conditional update whose row count is checked, so no interleaving of
+requests — on SQLite or PostgreSQL, without table locks — can double-count:
+
+* claim a slot: ``UPDATE pairs SET n_assigned = n_assigned + 1 WHERE id = ? AND n_assigned <
+  overlap`` (and the unique (pair, rater) constraint stops a rater getting a pair twice);
+* label: ``UPDATE assignments SET status = 'done' WHERE id = ? AND status = 'open'``, then the
+  label row (unique per assignment) in the same transaction;
+* skip / expire / release: ``UPDATE assignments SET status = ... WHERE id = ? AND status =
+  'open'``, and only if that changed a row, give the pair's slot back.
+
+So ``n_assigned`` always equals the pair's open + done assignments, and a pair never gets more
+than ``overlap`` labels, whatever mix of next / label / skip / retries arrives at once.
+
+Secrets at rest are hashes: API tokens and invite tokens (sha256 of 192-256 random bits),
+passwords (scrypt), browser sessions (sha256 of the cookie's random token).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
+import math
 import random
 import secrets
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from palate.errors import ConfigError, DataError
-from palate.label.db import ANSWERS, FLAGS, STRENGTHS, Assignment, Campaign, Label, Pair, User
+from palate.errors import ConfigError, ConflictError, DataError
+from palate.label.db import (
+    ANSWERS,
+    FLAGS,
+    STRENGTHS,
+    Assignment,
+    Campaign,
+    CampaignRater,
+    Label,
+    Pair,
+    User,
+    WebSession,
+)
+
+INVITE_TTL = dt.timedelta(days=7)  # how long an invite link works (re-issue for a new one)
+SESSION_TTL = dt.timedelta(days=14)  # a browser session's lifetime
+MAX_OVERLAP = 100
+MAX_SECONDS = 86_400.0  # a label's timing field: at most a day
+CAMPAIGN_STATUSES = ("active", "paused", "closed")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE/DELETE changed (Session.execute is typed as the base Result)."""
+    return cast("CursorResult[Any]", result).rowcount
+
+
+def clean_name(name: str, what: str, max_len: int) -> str:
+    """A user or campaign name: stripped, non-empty, at most ``max_len`` characters, no
+    control characters (line breaks included)."""
+    name = (name or "").strip()
+    if not name:
+        raise ConfigError(f"{what}: must not be empty")
+    if len(name) > max_len:
+        raise ConfigError(f"{what}: at most {max_len} characters (got {len(name)})")
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise ConfigError(f"{what}: no control characters or line breaks")
+    return name
+
 
 # --------------------------------------------------------------------------- users
 
@@ -45,28 +100,137 @@ def hash_token(token: str) -> str:
 
 
 def create_user(
-    db: Session, name: str, role: str = "rater", password: str | None = None
+    db: Session,
+    name: str,
+    role: str = "rater",
+    password: str | None = None,
+    *,
+    invite_ttl: dt.timedelta = INVITE_TTL,
 ) -> tuple[User, str, str]:
-    """A new user; returns (user, invite token, API token). Tokens are shown once."""
+    """A new user; returns (user, invite token, API token). Only hashes are stored: the tokens
+    are shown once (re-issue them with :func:`issue_invite` / :func:`rotate_api_token`)."""
     if role not in ("admin", "rater"):
         raise ConfigError(f"role {role!r}: expected admin or rater")
+    name = clean_name(name, "user name", 120)
     if db.scalar(select(User).where(User.name == name)) is not None:
         raise ConfigError(f"user {name!r} already exists")
-    invite, api = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+    api = secrets.token_urlsafe(32)
     user = User(
         name=name,
         role=role,
         password_hash=hash_password(password) if password else None,
-        invite_token=invite,
         api_token_hash=hash_token(api),
+        active=True,
     )
     db.add(user)
-    db.commit()
+    db.flush()
+    invite = issue_invite(db, user, invite_ttl)
     return user, invite, api
 
 
+def issue_invite(db: Session, user: User, ttl: dt.timedelta = INVITE_TTL) -> str:
+    """A new invite link token for ``user`` (the old one stops working), valid for ``ttl``."""
+    token = secrets.token_urlsafe(24)
+    user.invite_hash, user.invite_expires_at = hash_token(token), _now() + ttl
+    db.commit()
+    return token
+
+
+def revoke_invite(db: Session, user: User) -> None:
+    """The user's invite link stops working (sessions it opened stay; see end_sessions)."""
+    user.invite_hash, user.invite_expires_at = None, None
+    db.commit()
+
+
+def rotate_api_token(db: Session, user: User) -> str:
+    """A new API token for ``user``; the old one stops working at once."""
+    token = secrets.token_urlsafe(32)
+    user.api_token_hash = hash_token(token)
+    db.commit()
+    return token
+
+
+def set_active(db: Session, user: User, active: bool) -> None:
+    """Deactivate (every session ends; invite, password and API token refused) or reactivate."""
+    user.active = active
+    if not active:
+        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    db.commit()
+
+
+def user_by_name(db: Session, name: str) -> User | None:
+    return db.scalar(select(User).where(User.name == name))
+
+
 def user_by_token(db: Session, token: str) -> User | None:
-    return db.scalar(select(User).where(User.api_token_hash == hash_token(token)))
+    """The active user whose API token this is."""
+    user = db.scalar(select(User).where(User.api_token_hash == hash_token(token)))
+    return user if user is not None and user.active else None
+
+
+def invite_status(db: Session, token: str) -> tuple[User | None, str]:
+    """(user, "ok") for a working invite link, else (None, why: unknown, expired, revoked or
+    inactive). Revoked and unknown links look the same (the hash is gone)."""
+    user = db.scalar(select(User).where(User.invite_hash == hash_token(token)))
+    if user is None:
+        return None, "unknown"
+    if not user.active:
+        return None, "inactive"
+    if user.invite_expires_at is None or user.invite_expires_at <= _now():
+        return None, "expired"
+    if user.password_hash is not None and user.role == "admin":
+        return None, "password"  # an admin with a password signs in with it
+    return user, "ok"
+
+
+_DUMMY_HASH = hash_password("palate: no such user")
+
+
+def authenticate(db: Session, name: str, password: str) -> User | None:
+    """The active user with this name and password. An unknown name costs the same scrypt
+    work as a known one (user names are not revealed by the response time)."""
+    user = user_by_name(db, name)
+    ok = check_password(password, user.password_hash if user else _DUMMY_HASH)
+    if user is None or user.password_hash is None or not user.active:
+        return None
+    return user if ok else None
+
+
+# --------------------------------------------------------------------------- browser sessions
+
+
+def start_session(db: Session, user: User, ttl: dt.timedelta = SESSION_TTL) -> str:
+    """A new browser session; returns the token for the cookie (only its hash is stored)."""
+    token = secrets.token_urlsafe(32)
+    db.add(WebSession(token_hash=hash_token(token), user_id=user.id, expires_at=_now() + ttl))
+    db.commit()
+    return token
+
+
+def session_of(db: Session, token: str) -> tuple[WebSession, User] | None:
+    """The live session for a cookie token and its (active) user; None when ended or expired."""
+    ws = db.scalar(select(WebSession).where(WebSession.token_hash == hash_token(token)))
+    if ws is None:
+        return None
+    user = db.get(User, ws.user_id)
+    if ws.expires_at <= _now() or user is None or not user.active:
+        db.delete(ws)
+        db.commit()
+        return None
+    return ws, user
+
+
+def end_session(db: Session, token: str) -> None:
+    """Logout: the session is gone, so a copy of the cookie no longer works."""
+    db.execute(delete(WebSession).where(WebSession.token_hash == hash_token(token)))
+    db.commit()
+
+
+def end_sessions(db: Session, user: User) -> int:
+    """Sign ``user`` out everywhere."""
+    n = _rowcount(db.execute(delete(WebSession).where(WebSession.user_id == user.id)))
+    db.commit()
+    return n
 
 
 # --------------------------------------------------------------------------- campaigns
@@ -92,19 +256,33 @@ def create_campaign(
     guidelines: str = "",
     answers: Sequence[str] = ANSWERS,
     source: str = "",
+    assignment_timeout_s: int = 1800,
 ) -> Campaign:
-    if overlap < 1:
-        raise ConfigError("overlap must be at least 1")
+    """A new campaign over ``pairs`` (validated: name, overlap, answers, at least one pair),
+    written in one transaction: nothing half-written on bad input."""
+    name = clean_name(name, "campaign name", 200)
+    if not 1 <= overlap <= MAX_OVERLAP:
+        raise ConfigError(f"overlap {overlap}: expected 1 to {MAX_OVERLAP} raters per pair")
+    if assignment_timeout_s < 10:
+        raise ConfigError("assignment timeout: at least 10 seconds")
     bad = [a for a in answers if a not in ANSWERS]
     if bad or "a" not in answers or "b" not in answers:
         raise ConfigError(f"answers {list(answers)}: choose from {list(ANSWERS)}, with a and b")
+    if not pairs:
+        raise DataError(f"campaign {name!r}: no pairs to label")
     if db.scalar(select(Campaign).where(Campaign.name == name)) is not None:
         raise ConfigError(f"campaign {name!r} already exists")
     for i, p in enumerate(pairs):
         if p.gold is not None and p.gold not in answers:
             raise DataError(f"pair {i}: gold {p.gold!r} is not an allowed answer")
     camp = Campaign(
-        name=name, guidelines=guidelines, overlap=overlap, answers=list(answers), source=source
+        name=name,
+        guidelines=guidelines,
+        overlap=overlap,
+        answers=list(answers),
+        source=source,
+        status="active",
+        assignment_timeout_s=assignment_timeout_s,
     )
     db.add(camp)
     db.flush()
@@ -126,14 +304,103 @@ def create_campaign(
     return camp
 
 
+def set_status(db: Session, campaign: Campaign, status: str) -> None:
+    """active (raters get pairs), paused (no new pairs; open ones can still be labelled) or
+    closed (no new pairs, no labels)."""
+    if status not in CAMPAIGN_STATUSES:
+        raise ConfigError(f"status {status!r}: expected one of {list(CAMPAIGN_STATUSES)}")
+    campaign.status = status
+    db.commit()
+
+
+def set_guidelines(db: Session, campaign: Campaign, guidelines: str) -> None:
+    campaign.guidelines = guidelines
+    db.commit()
+
+
+def delete_campaign(db: Session, campaign: Campaign) -> None:
+    """The campaign with its pairs, assignments, labels and rater list, in one transaction."""
+    cid = campaign.id
+    pair_ids = select(Pair.id).where(Pair.campaign_id == cid)
+    db.execute(delete(Label).where(Label.pair_id.in_(pair_ids)))
+    db.execute(delete(Assignment).where(Assignment.campaign_id == cid))
+    db.execute(delete(Pair).where(Pair.campaign_id == cid))
+    db.execute(delete(CampaignRater).where(CampaignRater.campaign_id == cid))
+    db.execute(delete(Campaign).where(Campaign.id == cid))
+    db.commit()
+
+
+def set_raters(db: Session, campaign: Campaign, user_ids: Iterable[int]) -> None:
+    """Who may rate the campaign: these raters only, or (empty) every rater."""
+    ids = sorted(set(user_ids))
+    known = set(db.scalars(select(User.id).where(User.id.in_(ids))))
+    if set(ids) - known:
+        raise ConfigError(f"no users with ids {sorted(set(ids) - known)}")
+    db.execute(delete(CampaignRater).where(CampaignRater.campaign_id == campaign.id))
+    db.add_all(CampaignRater(campaign_id=campaign.id, user_id=u) for u in ids)
+    db.commit()
+
+
+def campaign_raters(db: Session, campaign: Campaign) -> list[int]:
+    return list(
+        db.scalars(select(CampaignRater.user_id).where(CampaignRater.campaign_id == campaign.id))
+    )
+
+
+def may_rate(db: Session, campaign: Campaign, user: User) -> bool:
+    """Admins always; raters when the campaign has no rater list or they are on it."""
+    allowed = campaign_raters(db, campaign)
+    return user.role == "admin" or not allowed or user.id in allowed
+
+
 # --------------------------------------------------------------------------- assignment
+
+
+def release_assignments(
+    db: Session, campaign: Campaign, older_than: dt.timedelta | None = None
+) -> int:
+    """Release open assignments older than ``older_than`` (default: the campaign's timeout;
+    zero: all of them): each becomes ``expired`` and its slot goes back to the pair. Safe to
+    run concurrently with anything: a slot is returned only by the request that changed the
+    assignment's status."""
+    if older_than is None:
+        older_than = dt.timedelta(seconds=campaign.assignment_timeout_s)
+    cutoff = _now() - older_than
+    stale = db.execute(
+        select(Assignment.id, Assignment.pair_id).where(
+            Assignment.campaign_id == campaign.id,
+            Assignment.status == "open",
+            Assignment.created_at <= cutoff,
+        )
+    ).all()
+    released = 0
+    for aid, pair_id in stale:
+        if _rowcount(
+            db.execute(
+                update(Assignment)
+                .where(Assignment.id == aid, Assignment.status == "open")
+                .values(status="expired")
+            )
+        ):
+            db.execute(
+                update(Pair).where(Pair.id == pair_id).values(n_assigned=Pair.n_assigned - 1)
+            )
+            released += 1
+    db.commit()
+    return released
 
 
 def next_assignment(
     db: Session, campaign: Campaign, rater: User, rng: random.Random | None = None
 ) -> Assignment | None:
     """The rater's open assignment, or a new one on a pair they have not seen whose overlap is
-    not yet full; None when there is nothing left for them."""
+    not yet full; None when there is nothing left for them or the campaign is not active.
+    Stale assignments (older than the campaign's timeout) are released first."""
+    if not may_rate(db, campaign, rater):
+        raise PermissionError(f"{rater.name} is not a rater of campaign {campaign.name!r}")
+    if campaign.status != "active":
+        return None
+    release_assignments(db, campaign)
     current = db.scalar(
         select(Assignment).where(
             Assignment.campaign_id == campaign.id,
@@ -159,15 +426,13 @@ def next_assignment(
         if not candidates:
             return None
         for pair_id in candidates:
-            # An UPDATE returns a CursorResult (Session.execute is typed as the base Result).
-            claimed = cast(
-                "CursorResult[Any]",
+            claimed = _rowcount(
                 db.execute(
                     update(Pair)
                     .where(Pair.id == pair_id, Pair.n_assigned < campaign.overlap)
                     .values(n_assigned=Pair.n_assigned + 1)
-                ),
-            ).rowcount
+                )
+            )
             if not claimed:
                 db.rollback()
                 continue
@@ -209,14 +474,8 @@ class LabelIn:
     seconds: float | None = None
 
 
-def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelIn) -> Label:
-    """Store a label given in the *shown* orientation (``a`` = the left response)."""
-    if assignment.rater_id != rater.id:
-        raise PermissionError("not your assignment")
-    if assignment.status != "open":
-        raise ConfigError(f"assignment {assignment.id} is {assignment.status}")
-    campaign = db.get(Campaign, assignment.campaign_id)
-    assert campaign is not None
+def check_label(campaign: Campaign, shown: LabelIn) -> None:
+    """Refuse (ConfigError) an answer, strength, flag or timing the campaign does not allow."""
     if shown.answer not in campaign.answers:
         raise ConfigError(f"answer {shown.answer!r}: expected one of {campaign.answers}")
     if shown.strength is not None and shown.strength not in STRENGTHS:
@@ -224,7 +483,36 @@ def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelI
     bad = [f for f in shown.flags if f not in FLAGS]
     if bad:
         raise ConfigError(f"flags {bad}: expected from {list(FLAGS)}")
+    if shown.seconds is not None and not (
+        math.isfinite(shown.seconds) and 0 <= shown.seconds <= MAX_SECONDS
+    ):
+        raise ConfigError(f"seconds {shown.seconds}: expected 0 to {MAX_SECONDS:.0f}")
+
+
+def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelIn) -> Label:
+    """Store a label given in the *shown* orientation (``a`` = the left response).
+
+    Only the request that moves the assignment from open to done stores a label; any other
+    (a retry, a label racing a skip, an expired assignment) gets a ConflictError (HTTP 409).
+    """
+    if assignment.rater_id != rater.id:
+        raise PermissionError("not your assignment")
+    campaign = db.get(Campaign, assignment.campaign_id)
+    assert campaign is not None
+    check_label(campaign, shown)
+    if campaign.status == "closed":
+        raise ConflictError(f"campaign {campaign.name!r} is closed")
     answer = flip(shown.answer, assignment.swapped)
+    done = _rowcount(
+        db.execute(
+            update(Assignment)
+            .where(Assignment.id == assignment.id, Assignment.status == "open")
+            .values(status="done")
+        )
+    )
+    if not done:
+        db.rollback()
+        raise ConflictError(f"assignment {assignment.id} is {_status(db, assignment.id)}")
     label = Label(
         assignment_id=assignment.id,
         pair_id=assignment.pair_id,
@@ -235,26 +523,63 @@ def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelI
         comment=shown.comment[:5000],
         seconds=shown.seconds,
     )
-    assignment.status = "done"
     db.add(label)
-    db.commit()
+    try:
+        db.commit()
+    except IntegrityError as err:  # cannot happen after the conditional update; kept safe
+        db.rollback()
+        raise ConflictError(f"assignment {assignment.id} is already labelled") from err
     return label
 
 
+def _status(db: Session, assignment_id: int) -> str:
+    return db.scalar(select(Assignment.status).where(Assignment.id == assignment_id)) or "gone"
+
+
 def skip_assignment(db: Session, assignment: Assignment, rater: User) -> None:
-    """Give the slot back; the rater will not be shown this pair again."""
+    """Give the slot back; the rater will not be shown this pair again. Skipping twice is a
+    no-op; skipping a labelled or expired assignment is a ConflictError."""
     if assignment.rater_id != rater.id:
         raise PermissionError("not your assignment")
-    if assignment.status != "open":
-        return
-    assignment.status = "skipped"
-    db.execute(
-        update(Pair).where(Pair.id == assignment.pair_id).values(n_assigned=Pair.n_assigned - 1)
+    skipped = _rowcount(
+        db.execute(
+            update(Assignment)
+            .where(Assignment.id == assignment.id, Assignment.status == "open")
+            .values(status="skipped")
+        )
     )
+    if skipped:
+        db.execute(
+            update(Pair).where(Pair.id == assignment.pair_id).values(n_assigned=Pair.n_assigned - 1)
+        )
     db.commit()
+    if not skipped:
+        status = _status(db, assignment.id)
+        if status != "skipped":
+            raise ConflictError(f"assignment {assignment.id} is {status}")
 
 
 # --------------------------------------------------------------------------- progress and export
+
+
+def remaining_for(db: Session, campaign: Campaign, rater: User) -> int:
+    """Pairs this rater could still be given (not seen, not full), plus an open one."""
+    seen = select(Assignment.pair_id).where(Assignment.rater_id == rater.id)
+    free = db.scalar(
+        select(func.count()).where(
+            Pair.campaign_id == campaign.id,
+            Pair.n_assigned < campaign.overlap,
+            Pair.id.not_in(seen),
+        )
+    )
+    open_now = db.scalar(
+        select(func.count()).where(
+            Assignment.campaign_id == campaign.id,
+            Assignment.rater_id == rater.id,
+            Assignment.status == "open",
+        )
+    )
+    return int(free or 0) + int(open_now or 0)
 
 
 def progress(db: Session, campaign: Campaign, rater: User | None = None) -> dict[str, int]:

@@ -73,9 +73,13 @@ def test_wrong_password_and_invite_link(setup) -> None:
     page = c.get("/login").text
     r = c.post("/login", data={"name": "rita", "password": "nope", "csrf": csrf_of(page)})
     assert "Wrong name or password" in r.text
-    r = c.get(f"/invite/{ids['invite']}", follow_redirects=False)
+    # the link opens a page with a button; the POST (with the page's CSRF token) signs in
+    r = c.get(f"/invite/{ids['invite']}")
+    assert r.status_code == 200 and "Sign in as rita" in r.text
+    r = c.post(f"/invite/{ids['invite']}", data={"csrf": csrf_of(r.text)}, follow_redirects=False)
     assert r.status_code == 303 and c.get("/").status_code == 200
-    assert TestClient(app).get("/invite/bogus").status_code == 404
+    bogus = TestClient(app).get("/invite/bogus")
+    assert bogus.status_code == 404 and "not valid" in bogus.text
 
 
 def test_form_post_without_csrf_fails(setup) -> None:

@@ -96,11 +96,19 @@ def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
             invite = admin.locator("#invite-link").inner_text()
 
             rater = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
-            rater.goto(invite)
+            rater.goto(invite)  # a page with a button: a GET alone signs nobody in
+            with rater.expect_navigation():
+                rater.click("#invite-form button")
             rater.click("text=guidelines")
             assert "mentions" in rater.locator(".guidelines").inner_text()
             assert rater.locator(".guidelines strong").inner_text() == "banana"
             rater.goto(url + "/campaigns/1/rate")
+            assert rater.locator("#remaining").inner_text() == "6"
+            # "How much better?" is asked only when A or B is better
+            rater.keyboard.press("3")  # tie
+            assert not rater.locator("#strength").is_visible()
+            rater.keyboard.press("1")
+            assert rater.locator("#strength").is_visible()
             labelled = 0
             while rater.locator("#done").count() == 0:
                 left = rater.locator("#response-a .text").inner_text()
@@ -115,6 +123,22 @@ def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
             assert rater.evaluate("window.pwned") is None  # the <script> never ran
             # the rater cannot open the dashboard
             assert rater.goto(url + "/admin").status == 403
+            # log out, then the back button: the page is asked for again (no-store) and the
+            # server sends the browser to the login page, not to the rater's page
+            rater.goto(url + "/campaigns/1/guidelines")
+            with rater.expect_navigation():
+                rater.click("header button")
+            assert rater.url.endswith("/login")
+            rater.go_back()
+            assert rater.url.endswith("/login") and rater.locator(".guidelines").count() == 0
+
+            # the admin revokes rita's invite: the old link now says so, clearly
+            admin.goto(url + "/admin")
+            with admin.expect_navigation():
+                admin.click("#revoke-invite-2")
+            stranger = browser.new_context().new_page()
+            assert stranger.goto(invite).status == 404
+            assert "not valid" in stranger.locator("#invite-problem").inner_text()
 
             admin.goto(url + "/admin")
             assert "6 / 6 labels" in admin.locator("#campaign-1").inner_text()

@@ -50,6 +50,40 @@ def test_migrations_create_the_schema_and_are_idempotent(tmp_path: Path) -> None
     assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
+def test_upgrade_from_0001_hashes_existing_invites(db_url: str) -> None:
+    """A database made by the first schema (plain-text invite tokens) upgrades in place: the
+    token is hashed, keeps working for a week, and campaigns become active."""
+    import sqlalchemy as sa
+
+    from palate.label.db import make_engine
+    from palate.label.migrate import upgrade
+    from palate.label.store import invite_status
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    with engine.begin() as con:
+        con.execute(
+            sa.text(
+                "INSERT INTO users (name, role, invite_token, created_at) "
+                "VALUES ('old', 'rater', 'plain-token', CURRENT_TIMESTAMP)"
+            )
+        )
+        con.execute(
+            sa.text(
+                "INSERT INTO campaigns (name, guidelines, overlap, answers, source, created_at) "
+                "VALUES ('c', '', 1, '[\"a\", \"b\"]', '', CURRENT_TIMESTAMP)"
+            )
+        )
+    factory = open_db(db_url)  # to head
+    with factory() as s:
+        user, why = invite_status(s, "plain-token")
+        assert why == "ok" and user is not None and user.name == "old"
+        stored = s.execute(sa.text("SELECT invite_hash FROM users")).scalar()
+        assert stored != "plain-token" and len(stored) == 64
+        assert s.execute(sa.text("SELECT status FROM campaigns")).scalar() == "active"
+    engine.dispose()
+
+
 def test_overlap_and_no_pair_twice_for_a_rater(db) -> None:
     camp = create_campaign(db, "c", pairs(3), overlap=2)
     raters = [create_user(db, f"r{i}")[0] for i in range(3)]

@@ -11,14 +11,16 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from palate.label.db import Pair
-from palate.label.deps import DB, ApiUser, assignment_or_404, campaign_or_404, export_body
+from palate.label.deps import DB, ApiUser, Id, assignment_or_404, campaign_or_404, export_body
 from palate.label.store import (
+    MAX_SECONDS,
     LabelIn,
     next_assignment,
     progress,
+    remaining_for,
     shown_responses,
     skip_assignment,
     submit_label,
@@ -30,15 +32,29 @@ router = APIRouter(prefix="/api/v1")
 class LabelBody(BaseModel):
     """A label from a programmatic rater, in the order the pair was served (``a`` = first)."""
 
-    answer: str = Field(description="a (the first response served), b, tie or both_bad")
-    strength: str | None = Field(None, description="slightly, clearly or much")
-    flags: list[str] = Field(default_factory=list, description="harmful, factually_wrong, evasive")
-    comment: str = ""
-    seconds: float | None = Field(None, description="Time the rater took, if known.")
+    model_config = ConfigDict(extra="forbid")
+
+    answer: str = Field(
+        max_length=16, description="a (the first response served), b, tie or both_bad"
+    )
+    strength: str | None = Field(None, max_length=16, description="slightly, clearly or much")
+    flags: list[str] = Field(
+        default_factory=list, max_length=8, description="harmful, factually_wrong, evasive"
+    )
+    comment: str = Field("", max_length=5000)
+    seconds: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="Time the rater took, if known (0 to 86,400).",
+    )
 
 
 @router.post("/campaigns/{cid}/next")
-def api_next(cid: int, user: ApiUser, db: DB) -> Response:
+def api_next(cid: Id, user: ApiUser, db: DB) -> Response:
+    """The caller's next pair (its open one first); 204 when nothing is left for it or the
+    campaign is paused or closed."""
     campaign = campaign_or_404(db, cid)
     assignment = next_assignment(db, campaign, user, random.Random())
     if assignment is None:
@@ -58,26 +74,33 @@ def api_next(cid: int, user: ApiUser, db: DB) -> Response:
 
 
 @router.post("/assignments/{aid}/label")
-def api_label(aid: int, body: LabelBody, user: ApiUser, db: DB) -> dict[str, Any]:
+def api_label(aid: Id, body: LabelBody, user: ApiUser, db: DB) -> dict[str, Any]:
+    """Label an open assignment; 409 if it is already labelled, skipped or expired."""
     assignment = assignment_or_404(db, aid)
     label = submit_label(db, assignment, user, LabelIn(**body.model_dump()))
     return {"label_id": label.id}
 
 
 @router.post("/assignments/{aid}/skip")
-def api_skip(aid: int, user: ApiUser, db: DB) -> dict[str, Any]:
+def api_skip(aid: Id, user: ApiUser, db: DB) -> dict[str, Any]:
+    """Give the pair back (a repeat is a no-op); 409 if it was labelled or expired."""
     skip_assignment(db, assignment_or_404(db, aid), user)
     return {"skipped": aid}
 
 
 @router.get("/campaigns/{cid}/progress")
-def api_progress(cid: int, user: ApiUser, db: DB) -> dict[str, Any]:
+def api_progress(cid: Id, user: ApiUser, db: DB) -> dict[str, Any]:
     campaign = campaign_or_404(db, cid)
-    return {"campaign": progress(db, campaign), "mine": progress(db, campaign, user)}
+    return {
+        "campaign": progress(db, campaign),
+        "mine": progress(db, campaign, user),
+        "remaining_for_me": remaining_for(db, campaign, user),
+        "status": campaign.status,
+    }
 
 
 @router.get("/campaigns/{cid}/export")
-def api_export(cid: int, user: ApiUser, db: DB) -> Response:
+def api_export(cid: Id, user: ApiUser, db: DB) -> Response:
     if user.role != "admin":
         raise HTTPException(status_code=403, detail="admins only")
     campaign = campaign_or_404(db, cid)
