@@ -25,14 +25,10 @@ from palate.label.db import ANSWERS, Answer, Campaign, open_db
 from palate.label.store import (
     MAX_OVERLAP,
     PairIn,
+    change_access,
     create_campaign,
     create_user,
-    end_sessions,
     export_rows,
-    issue_invite,
-    revoke_invite,
-    rotate_api_token,
-    set_active,
     user_by_name,
 )
 
@@ -275,7 +271,7 @@ class LabelAccessConfig(Config):
     name: str = Field(description="The user.")
     action: Literal[
         "invite", "revoke-invite", "api-token", "deactivate", "activate", "sign-out"
-    ] = Field(
+    ] = Field(  # palate.label.store.ACCESS_ACTIONS
         description="invite: a new invite link (the old one stops working); revoke-invite; "
         "api-token: a new API token; deactivate / activate the user; sign-out: end every "
         "browser session."
@@ -293,16 +289,9 @@ def label_access(cfg: LabelAccessConfig) -> dict[str, Any]:
         user = user_by_name(db, cfg.name)
         if user is None:
             raise ConfigError(f"{cfg.db}: no user named {cfg.name!r}")
-        if cfg.action == "invite":
-            token = issue_invite(db, user, dt.timedelta(days=cfg.invite_days))
-            out["invite_path"] = f"/invite/{token}"
+        made = change_access(db, user, cfg.action, dt.timedelta(days=cfg.invite_days))
+        if "invite" in made:
+            out["invite_path"] = f"/invite/{made['invite']}"
             out["invite_expires_at"] = str(user.invite_expires_at)
-        elif cfg.action == "revoke-invite":
-            revoke_invite(db, user)
-        elif cfg.action == "api-token":
-            out["api_token"] = rotate_api_token(db, user)
-        elif cfg.action in ("deactivate", "activate"):
-            set_active(db, user, cfg.action == "activate")
-        else:
-            out["sessions_ended"] = end_sessions(db, user)
+        out.update({k: v for k, v in made.items() if k != "invite"})
     return out

@@ -49,6 +49,7 @@ __all__ = [
     "User",
     "WebSession",
     "open_db",
+    "utcnow",
 ]
 
 Answer = Literal["a", "b", "tie", "both_bad"]
@@ -57,7 +58,8 @@ STRENGTHS = ("slightly", "clearly", "much")
 FLAGS = ("harmful", "factually_wrong", "evasive")
 
 
-def _now() -> dt.datetime:
+def utcnow() -> dt.datetime:
+    """Naive UTC now: what every timestamp column stores."""
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
@@ -79,7 +81,7 @@ class User(Base):
     invite_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     api_token_hash: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)  # False: no sign-in, no API
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class WebSession(Base):
@@ -92,7 +94,7 @@ class WebSession(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
     flash: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
@@ -111,7 +113,7 @@ class Campaign(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")  # active|paused|closed
     # an open assignment older than this is released (its slot goes to the next rater)
     assignment_timeout_s: Mapped[int] = mapped_column(Integer, default=1800)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     pairs: Mapped[list[Pair]] = relationship(back_populates="campaign")
 
@@ -158,7 +160,7 @@ class Assignment(Base):
     swapped: Mapped[bool] = mapped_column(Boolean)  # True: response_b was shown on the left
     # open | done | skipped | expired (released after the campaign's timeout)
     status: Mapped[str] = mapped_column(String(16), default="open", index=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     pair: Mapped[Pair] = relationship()
     rater: Mapped[User] = relationship()
@@ -178,7 +180,7 @@ class Label(Base):
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     comment: Mapped[str] = mapped_column(Text, default="")
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 def _sqlite_pragmas(engine: Engine) -> None:

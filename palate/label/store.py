@@ -48,6 +48,7 @@ from palate.label.db import (
     Pair,
     User,
     WebSession,
+    utcnow,
 )
 
 INVITE_TTL = dt.timedelta(days=7)  # how long an invite link works (re-issue for a new one)
@@ -55,10 +56,6 @@ SESSION_TTL = dt.timedelta(days=14)  # a browser session's lifetime
 MAX_OVERLAP = 100
 MAX_SECONDS = 86_400.0  # a label's timing field: at most a day
 CAMPAIGN_STATUSES = ("active", "paused", "closed")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
 def _rowcount(result: Any) -> int:
@@ -131,7 +128,7 @@ def create_user(
 def issue_invite(db: Session, user: User, ttl: dt.timedelta = INVITE_TTL) -> str:
     """A new invite link token for ``user`` (the old one stops working), valid for ``ttl``."""
     token = secrets.token_urlsafe(24)
-    user.invite_hash, user.invite_expires_at = hash_token(token), _now() + ttl
+    user.invite_hash, user.invite_expires_at = hash_token(token), utcnow() + ttl
     db.commit()
     return token
 
@@ -153,9 +150,34 @@ def rotate_api_token(db: Session, user: User) -> str:
 def set_active(db: Session, user: User, active: bool) -> None:
     """Deactivate (every session ends; invite, password and API token refused) or reactivate."""
     user.active = active
-    if not active:
-        db.execute(delete(WebSession).where(WebSession.user_id == user.id))
-    db.commit()
+    if active:
+        db.commit()
+    else:
+        end_sessions(db, user)  # commits the flag with it
+
+
+ACCESS_ACTIONS = ("invite", "revoke-invite", "api-token", "deactivate", "activate", "sign-out")
+
+
+def change_access(
+    db: Session, user: User, action: str, invite_ttl: dt.timedelta = INVITE_TTL
+) -> dict[str, Any]:
+    """One change to a user's access (the dashboard's buttons, ``palate label access``):
+    ``invite`` (a new link; returns ``invite``), ``revoke-invite``, ``api-token`` (returns
+    ``api_token``), ``deactivate``, ``activate``, ``sign-out`` (returns ``sessions_ended``)."""
+    if action == "invite":
+        return {"invite": issue_invite(db, user, invite_ttl)}
+    if action == "revoke-invite":
+        revoke_invite(db, user)
+    elif action == "api-token":
+        return {"api_token": rotate_api_token(db, user)}
+    elif action in ("deactivate", "activate"):
+        set_active(db, user, action == "activate")
+    elif action == "sign-out":
+        return {"sessions_ended": end_sessions(db, user)}
+    else:
+        raise ConfigError(f"action {action!r}: expected one of {list(ACCESS_ACTIONS)}")
+    return {}
 
 
 def user_by_name(db: Session, name: str) -> User | None:
@@ -176,7 +198,7 @@ def invite_status(db: Session, token: str) -> tuple[User | None, str]:
         return None, "unknown"
     if not user.active:
         return None, "inactive"
-    if user.invite_expires_at is None or user.invite_expires_at <= _now():
+    if user.invite_expires_at is None or user.invite_expires_at <= utcnow():
         return None, "expired"
     if user.password_hash is not None and user.role == "admin":
         return None, "password"  # an admin with a password signs in with it
@@ -202,7 +224,7 @@ def authenticate(db: Session, name: str, password: str) -> User | None:
 def start_session(db: Session, user: User, ttl: dt.timedelta = SESSION_TTL) -> str:
     """A new browser session; returns the token for the cookie (only its hash is stored)."""
     token = secrets.token_urlsafe(32)
-    db.add(WebSession(token_hash=hash_token(token), user_id=user.id, expires_at=_now() + ttl))
+    db.add(WebSession(token_hash=hash_token(token), user_id=user.id, expires_at=utcnow() + ttl))
     db.commit()
     return token
 
@@ -213,7 +235,7 @@ def session_of(db: Session, token: str) -> tuple[WebSession, User] | None:
     if ws is None:
         return None
     user = db.get(User, ws.user_id)
-    if ws.expires_at <= _now() or user is None or not user.active:
+    if ws.expires_at <= utcnow() or user is None or not user.active:
         db.delete(ws)
         db.commit()
         return None
@@ -365,7 +387,7 @@ def release_assignments(
     assignment's status."""
     if older_than is None:
         older_than = dt.timedelta(seconds=campaign.assignment_timeout_s)
-    cutoff = _now() - older_than
+    cutoff = utcnow() - older_than
     stale = db.execute(
         select(Assignment.id, Assignment.pair_id).where(
             Assignment.campaign_id == campaign.id,

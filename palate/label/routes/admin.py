@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from palate.errors import PalateError
 from palate.label.campaign import parse_pairs
-from palate.label.db import Campaign, User
+from palate.label.db import Campaign, User, utcnow
 from palate.label.deps import (
     DB,
     AdminUser,
@@ -35,15 +35,11 @@ from palate.label.deps import (
 from palate.label.stats import campaign_stats
 from palate.label.store import (
     campaign_raters,
+    change_access,
     create_campaign,
     create_user,
     delete_campaign,
-    end_sessions,
-    issue_invite,
     release_assignments,
-    revoke_invite,
-    rotate_api_token,
-    set_active,
     set_guidelines,
     set_raters,
     set_status,
@@ -72,7 +68,7 @@ def dashboard_page(
         users=users,
         created=created,
         error=error,
-        now=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+        now=utcnow(),
         status_code=400 if error else 200,
     )
 
@@ -165,22 +161,14 @@ def user_action(
 
     def change() -> None:
         target = _user_or_error(db, uid)
+        if action == "deactivate" and target.id == user.id:
+            raise PalateError("you cannot deactivate yourself")
+        made = change_access(db, target, action)
         base = str(request.base_url).rstrip("/")
-        if action == "invite":
-            token = issue_invite(db, target)
-            _flash(request, db, {"name": target.name, "invite": f"{base}/invite/{token}"})
-        elif action == "revoke-invite":
-            revoke_invite(db, target)
-        elif action == "api-token":
-            _flash(request, db, {"name": target.name, "api_token": rotate_api_token(db, target)})
-        elif action in ("deactivate", "activate"):
-            if target.id == user.id:
-                raise PalateError("you cannot deactivate yourself")
-            set_active(db, target, action == "activate")
-        elif action == "sign-out":
-            end_sessions(db, target)
-        else:
-            raise PalateError(f"unknown action {action!r}")
+        if "invite" in made:
+            _flash(request, db, {"name": target.name, "invite": f"{base}/invite/{made['invite']}"})
+        elif "api_token" in made:
+            _flash(request, db, {"name": target.name, "api_token": made["api_token"]})
 
     return _form(request, user, db, f"user-{uid}", csrf, change)
 
