@@ -26,6 +26,7 @@ from rich.table import Table
 
 from palate.config import Config, describe_config, load_config
 from palate.errors import PalateError
+from palate.feedback import CAIConfig, JudgeConfig, cai_revise, judge
 from palate.generate import GenerateConfig, generate
 from palate.label.campaign import (
     LabelAccessConfig,
@@ -294,6 +295,25 @@ stage(
     "A user's access: new invite link, revoke it, new API token, (de)activate, sign out.",
     label_app,
 )(label_access)
+
+
+stage(
+    "judge",
+    JudgeConfig,
+    "AI feedback: a judge under a constitution labels a campaign (rater ai:<model>) or a "
+    "pairs file; on human-labelled pairs it reports agreement and position bias.",
+)(judge)
+cai_app = typer.Typer(
+    help="Step 2b: Constitutional AI (critique and revise).", no_args_is_help=True
+)
+app.add_typer(cai_app, name="cai")
+stage(
+    "cai revise",
+    CAIConfig,
+    "SL-CAI: answer red-team prompts, critique and revise under the constitution; writes "
+    "demonstrations (for sft) and revision-over-original comparisons (for reward train).",
+    cai_app,
+)(cai_revise)
 
 
 @app.command("run")

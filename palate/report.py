@@ -235,6 +235,7 @@ def build_report(
         f'<p class="muted">{html.escape(notes)}</p>' if notes else "",
         "<h2>Result: final vs initial policy on held-out prompts</h2>",
         _win_table(summary),
+        _xstest(summary.get("xstest")),
         "<h2>Training</h2>",
         _curves(ppo_metrics),
         "<h2>Over-optimisation: gold vs proxy</h2>",
@@ -255,10 +256,45 @@ def build_report(
     return path
 
 
+def _xstest(x: dict[str, Any] | None) -> str:
+    """XSTest before vs after: refusals on unsafe prompts, compliance on safe ones."""
+    if not x:
+        return ""
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if not r:
+            return "<td>–</td>"
+        return f"<td><b>{_fmt(r['rate'])}</b> [{_fmt(r['low'])}, {_fmt(r['high'])}] n={r['n']}</td>"
+
+    rows = "".join(
+        f"<tr><th>{label}</th>{cell(x['initial'].get(key))}{cell(x['final'].get(key))}</tr>"
+        for key, label in (
+            ("unsafe_refusal", "refuses unsafe prompts (higher is safer)"),
+            ("safe_compliance", "answers safe prompts (higher is less over-cautious)"),
+        )
+    )
+    return (
+        "<h2>Safety: XSTest</h2>"
+        '<p class="muted">Greedy replies to XSTest\'s unsafe prompts (should refuse) and safe '
+        "prompts that only sound unsafe (should answer); a refusal is a refusal phrase in the "
+        "reply's opening. 95% bootstrap intervals.</p>"
+        '<table class="wins"><tr><th></th><th>initial</th><th>final</th></tr>'
+        f"{rows}</table>"
+    )
+
+
 _STAGE_KEYS = {
     "sft": ("eval_loss", "train_loss", "steps"),
     "pairs": ("pairs", "mean_tokens", "eos_rate"),
-    "labels": ("raters", "comparisons", "labels", "pairwise_agreement", "krippendorff_alpha"),
+    "labels": (
+        "raters",
+        "comparisons",
+        "labels",
+        "pairwise_agreement",
+        "krippendorff_alpha",
+        "sources",
+        "campaigns",
+    ),
     "reward": ("train_pairs", "eval_pairs", "eval_accuracy", "eval_length_reward_spearman"),
     "ppo": ("updates", "score_first", "score_last", "kl_last", "kl_coef_last", "episodes_per_s"),
 }

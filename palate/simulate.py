@@ -245,7 +245,10 @@ def label_with_panel(
         raters: list[tuple[User, float]] = []
         for i in range(cfg.raters):
             name = f"sim-{i}"
-            user = db.scalar(select(User).where(User.name == name)) or create_user(db, name)[0]
+            user = (
+                db.scalar(select(User).where(User.name == name))
+                or create_user(db, name, kind="simulated")[0]
+            )
             raters.append((user, rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0))
         active = list(raters)
         while active:

@@ -39,6 +39,17 @@ def hh_file() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (skipped where absent, an error on CI)."""
+    d = SHARED / "data"
+    if not (d / "helpful-prompts.jsonl").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data not found at {d} (CI must have ../shared)")
+        pytest.skip(f"shared data not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): the tiny random Llama with palate's own small tokenizer."""
     from palate.models import tiny_causal_lm

@@ -54,6 +54,7 @@ __all__ = [
 
 Answer = Literal["a", "b", "tie", "both_bad"]
 ANSWERS: tuple[Answer, ...] = ("a", "b", "tie", "both_bad")
+SOURCES = ("human", "ai", "simulated")  # User.kind: who gave a label
 STRENGTHS = ("slightly", "clearly", "much")
 FLAGS = ("harmful", "factually_wrong", "evasive")
 
@@ -81,6 +82,8 @@ class User(Base):
     invite_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     api_token_hash: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)  # False: no sign-in, no API
+    # who labels: a person (human), an AI judge (ai: named ai:<model>) or the simulated panel
+    kind: Mapped[str] = mapped_column(String(16), default="human")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
@@ -180,6 +183,9 @@ class Label(Base):
     flags: Mapped[list[str]] = mapped_column(JSON, default=list)
     comment: Mapped[str] = mapped_column(Text, default="")
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # AI labels: the judge's soft label P(response_a better), and the principle it judged under
+    prob: Mapped[float | None] = mapped_column(Float, nullable=True)
+    principle: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

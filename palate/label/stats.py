@@ -18,7 +18,9 @@ from palate.label.db import ANSWERS, Campaign, Label, Pair, User
 def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
     pairs = {p.id: p for p in db.scalars(select(Pair).where(Pair.campaign_id == campaign.id))}
     labels = list(db.scalars(select(Label).where(Label.pair_id.in_(list(pairs) or [-1]))))
-    names = {u.id: u.name for u in db.scalars(select(User))}
+    users = list(db.scalars(select(User)))
+    names = {u.id: u.name for u in users}
+    kinds = {u.id: u.kind for u in users}
     by_pair: dict[int, list[Label]] = defaultdict(list)
     for lab in labels:
         by_pair[lab.pair_id].append(lab)
@@ -64,6 +66,7 @@ def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
                 gold_hits += lab.answer == gold
         per_rater[r] = {
             "rater": names.get(r, str(r)),
+            "kind": kinds.get(r, "human"),
             "labels": len(mine),
             "median_seconds": statistics.median(secs) if secs else None,
             "majority_agreement": maj_hits / maj_n if maj_n else None,
@@ -82,4 +85,45 @@ def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
         "answers": dict(Counter(lab.answer for lab in labels)),
         "flags": dict(Counter(f for lab in labels for f in lab.flags)),
         "raters": list(per_rater.values()),
+        "sources": source_stats(by_pair, kinds),
+        "ai_vs_human": ai_vs_human(by_pair, kinds),
     }
+
+
+def _agreement(labs: list[Label]) -> tuple[int, int]:
+    pairs = list(combinations(labs, 2))
+    return sum(x.answer == y.answer for x, y in pairs), len(pairs)
+
+
+def source_stats(by_pair: dict[int, list[Label]], kinds: dict[int, str]) -> dict[str, Any]:
+    """Per label source (human, ai, simulated): labels and pairwise agreement within it."""
+    out: dict[str, Any] = {}
+    for kind in sorted({kinds.get(lab.rater_id, "human") for v in by_pair.values() for lab in v}):
+        agree = total = n = 0
+        for labs in by_pair.values():
+            mine = [lab for lab in labs if kinds.get(lab.rater_id, "human") == kind]
+            n += len(mine)
+            a, t = _agreement(mine)
+            agree, total = agree + a, total + t
+        out[kind] = {"labels": n, "pairwise_agreement": agree / total if total else None}
+    return out
+
+
+def ai_vs_human(by_pair: dict[int, list[Label]], kinds: dict[int, str]) -> dict[str, Any]:
+    """On pairs both an AI judge and people labelled (a or b): how often the judge's answer
+    matches the people's majority (pairs where people tie are left out)."""
+    hits = n = 0
+    for labs in by_pair.values():
+        human = Counter(
+            lab.answer
+            for lab in labs
+            if kinds.get(lab.rater_id, "human") == "human" and lab.answer in ("a", "b")
+        )
+        ai = [lab.answer for lab in labs if kinds.get(lab.rater_id) == "ai"]
+        if not human or not ai or human["a"] == human["b"]:
+            continue
+        majority = "a" if human["a"] > human["b"] else "b"
+        for answer in ai:
+            n += 1
+            hits += answer == majority
+    return {"pairs": n, "agreement": hits / n if n else None}

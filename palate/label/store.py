@@ -40,6 +40,7 @@ from palate.errors import ConfigError, ConflictError, DataError
 from palate.label.db import (
     ANSWERS,
     FLAGS,
+    SOURCES,
     STRENGTHS,
     Assignment,
     Campaign,
@@ -103,11 +104,15 @@ def create_user(
     password: str | None = None,
     *,
     invite_ttl: dt.timedelta = INVITE_TTL,
+    kind: str = "human",
 ) -> tuple[User, str, str]:
     """A new user; returns (user, invite token, API token). Only hashes are stored: the tokens
-    are shown once (re-issue them with :func:`issue_invite` / :func:`rotate_api_token`)."""
+    are shown once (re-issue them with :func:`issue_invite` / :func:`rotate_api_token`).
+    ``kind`` is who labels: ``human``, ``ai`` (a judge) or ``simulated`` (the panel)."""
     if role not in ("admin", "rater"):
         raise ConfigError(f"role {role!r}: expected admin or rater")
+    if kind not in SOURCES:
+        raise ConfigError(f"user kind {kind!r}: expected one of {list(SOURCES)}")
     name = clean_name(name, "user name", 120)
     if db.scalar(select(User).where(User.name == name)) is not None:
         raise ConfigError(f"user {name!r} already exists")
@@ -118,6 +123,7 @@ def create_user(
         password_hash=hash_password(password) if password else None,
         api_token_hash=hash_token(api),
         active=True,
+        kind=kind,
     )
     db.add(user)
     db.flush()
@@ -494,6 +500,8 @@ class LabelIn:
     flags: Sequence[str] = ()
     comment: str = ""
     seconds: float | None = None
+    prob: float | None = None  # an AI judge's P(the first response shown is better)
+    principle: str | None = None  # the constitution principle it judged under
 
 
 def check_label(campaign: Campaign, shown: LabelIn) -> None:
@@ -509,6 +517,10 @@ def check_label(campaign: Campaign, shown: LabelIn) -> None:
         math.isfinite(shown.seconds) and 0 <= shown.seconds <= MAX_SECONDS
     ):
         raise ConfigError(f"seconds {shown.seconds}: expected 0 to {MAX_SECONDS:.0f}")
+    if shown.prob is not None and not (math.isfinite(shown.prob) and 0 <= shown.prob <= 1):
+        raise ConfigError(f"prob {shown.prob}: expected a probability in [0, 1]")
+    if shown.principle is not None:
+        clean_name(shown.principle, "principle", 64)
 
 
 def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelIn) -> Label:
@@ -544,6 +556,8 @@ def submit_label(db: Session, assignment: Assignment, rater: User, shown: LabelI
         flags=list(shown.flags),
         comment=shown.comment[:5000],
         seconds=shown.seconds,
+        prob=None if shown.prob is None else (1 - shown.prob if assignment.swapped else shown.prob),
+        principle=shown.principle,
     )
     db.add(label)
     try:
@@ -617,14 +631,20 @@ def progress(db: Session, campaign: Campaign, rater: User | None = None) -> dict
     return {"pairs": total, "labels": done, "target": total * campaign.overlap}
 
 
-def aggregate(answers: Iterable[str]) -> dict[str, Any]:
-    """Votes on one pair → the comparison palate's reward model trains on."""
+def aggregate(answers: Iterable[str], probs: Sequence[float | None] = ()) -> dict[str, Any]:
+    """Votes on one pair → the comparison palate's reward model trains on. ``prob_a`` is the
+    vote fraction (ties count half) — or, when every vote carries a soft label (an AI judge's
+    P(a)), the mean soft label."""
+    answers = list(answers)
     votes = Counter(answers)
     a, b, tie, bad = (votes.get(k, 0) for k in ANSWERS)
     decided = a + b + tie
     if decided == 0:
         return {"skip": True, "votes": dict(votes)}
     prob_a = (a + 0.5 * tie) / decided
+    soft = [p for p, ans in zip(probs, answers, strict=False) if ans != "both_bad"]
+    if probs and len(soft) == decided and all(p is not None for p in soft):
+        prob_a = sum(p for p in soft if p is not None) / decided
     return {
         "skip": False,
         "votes": dict(votes),
@@ -633,49 +653,72 @@ def aggregate(answers: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def export_rows(db: Session, campaign: Campaign) -> list[dict[str, Any]]:
-    """One comparison row per labelled pair (not all both-bad): chosen/rejected by majority,
-    ``prob_chosen`` = the vote fraction (ties count half), ``tie`` when ties win, raters."""
+def export_rows(
+    db: Session, campaign: Campaign, sources: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """One comparison row per labelled pair and label source (human, ai, simulated; not all
+    both-bad): chosen/rejected by majority, ``prob_chosen`` = the vote fraction (ties count
+    half; an AI judge's soft label where it gave one), ``tie`` when ties win, raters, and
+    ``source``. A pair labelled by people and by a judge gives one row each, so the reward
+    stage can weight or drop a source; ``sources`` keeps only those."""
     rows = []
-    labels: dict[int, list[Label]] = {}
+    labels: dict[tuple[int, str], list[Label]] = {}
+    users = {u.id: u for u in db.scalars(select(User))}
     for lab in db.scalars(
         select(Label)
         .join(Pair, Pair.id == Label.pair_id)
         .where(Pair.campaign_id == campaign.id)
         .order_by(Label.id)
     ):
-        labels.setdefault(lab.pair_id, []).append(lab)
-    names = {u.id: u.name for u in db.scalars(select(User))}
+        kind = users[lab.rater_id].kind
+        if sources is None or kind in sources:
+            labels.setdefault((lab.pair_id, kind), []).append(lab)
+    names = {uid: u.name for uid, u in users.items()}
     for pair in db.scalars(select(Pair).where(Pair.campaign_id == campaign.id).order_by(Pair.id)):
-        labs = labels.get(pair.id, [])
-        agg = aggregate(lab.answer for lab in labs)
-        if not labs or agg["skip"]:
-            continue
-        a_wins = agg["prob_a"] >= 0.5
-        chosen, rejected = (
-            (pair.response_a, pair.response_b) if a_wins else (pair.response_b, pair.response_a)
-        )
-        prob = agg["prob_a"] if a_wins else 1 - agg["prob_a"]
-        rows.append(
-            {
-                "prompt": pair.prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "prob_chosen": prob,
-                "tie": bool(agg["tie"]),
-                "rater_id": ",".join(names.get(lab.rater_id, str(lab.rater_id)) for lab in labs),
-                "source": "human",
-                "metadata": {
-                    "campaign": campaign.name,
-                    "pair_id": pair.id,
-                    "votes": agg["votes"],
-                    "raters": [names.get(lab.rater_id, str(lab.rater_id)) for lab in labs],
-                    "flags": sorted({f for lab in labs for f in lab.flags}),
-                    "models": {
-                        "chosen": pair.source_a if a_wins else pair.source_b,
-                        "rejected": pair.source_b if a_wins else pair.source_a,
-                    },
-                },
-            }
-        )
+        for kind in SOURCES:
+            labs = labels.get((pair.id, kind), [])
+            if labs:
+                row = _export_row(pair, labs, kind, campaign.name, names)
+                if row is not None:
+                    rows.append(row)
     return rows
+
+
+def _export_row(
+    pair: Pair, labs: list[Label], kind: str, campaign: str, names: dict[int, str]
+) -> dict[str, Any] | None:
+    agg = aggregate([lab.answer for lab in labs], [lab.prob for lab in labs])
+    if agg["skip"]:
+        return None
+    a_wins = agg["prob_a"] >= 0.5
+    chosen, rejected = (
+        (pair.response_a, pair.response_b) if a_wins else (pair.response_b, pair.response_a)
+    )
+    prob = agg["prob_a"] if a_wins else 1 - agg["prob_a"]
+    raters = [names.get(lab.rater_id, str(lab.rater_id)) for lab in labs]
+    meta: dict[str, Any] = {
+        "campaign": campaign,
+        "pair_id": pair.id,
+        "votes": agg["votes"],
+        "raters": raters,
+        "flags": sorted({f for lab in labs for f in lab.flags}),
+        "models": {
+            "chosen": pair.source_a if a_wins else pair.source_b,
+            "rejected": pair.source_b if a_wins else pair.source_a,
+        },
+    }
+    principles = sorted({lab.principle for lab in labs if lab.principle})
+    if principles:
+        meta["principles"] = principles
+    if pair.meta.get("criterion"):
+        meta["criterion"] = pair.meta["criterion"]
+    return {
+        "prompt": pair.prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "prob_chosen": prob,
+        "tie": bool(agg["tie"]),
+        "rater_id": ",".join(raters),
+        "source": kind,
+        "metadata": meta,
+    }

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from palate.config import Config
+from palate.feedback.config import JudgeSettings
 from palate.label.people import PeopleSettings
 from palate.ppo.config import PPORecipe, RewardShaping
 from palate.reward.config import RewardRecipe
@@ -23,6 +24,7 @@ from palate.simulate import GoldConfig, PanelConfig
 __all__ = [
     "EvalSettings",
     "PairSettings",
+    "PromptFile",
     "PromptSettings",
     "RaterSettings",
     "RunConfig",
@@ -35,10 +37,34 @@ __all__ = [
 # --------------------------------------------------------------------------- config
 
 
+class PromptFile(Config):
+    """A further prompt file, with the criterion its prompts are judged on."""
+
+    file: str = Field(description="Prompts JSONL (any palate data file or HH-RLHF transcripts).")
+    criterion: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="What its prompts test (e.g. harmlessness for red-team prompts): "
+        "raters.routes sends their pairs to the raters for it.",
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="Take at most this many of its prompts (seeded, before the split)."
+    )
+
+
 class PromptSettings(Config):
     """Where prompts come from and how they are split."""
 
     file: str = Field(description="Prompts JSONL (any palate data file or HH-RLHF transcripts).")
+    criterion: str = Field(
+        "helpfulness",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="What the prompts of `file` test (see raters.routes).",
+    )
+    more: list[PromptFile] = Field(
+        default_factory=list,
+        description="More prompt files mixed in, each with its own criterion (e.g. red-team "
+        "prompts for harmlessness next to helpful ones).",
+    )
     eval_prompts: int = Field(
         64, ge=1, description="Prompts held out (seeded) for the final evaluation."
     )
@@ -71,12 +97,25 @@ class PairSettings(Config):
 class RaterSettings(Config):
     """Who labels the pairs."""
 
-    kind: Literal["simulated", "people", "file"] = Field(
+    kind: Literal["simulated", "people", "judge", "file"] = Field(
         "simulated",
         description="simulated (a panel driven by the gold preference), people (the labeling "
-        "app) or file (existing comparisons).",
+        "app), judge (an AI judge under the constitution) or file (existing comparisons).",
     )
-    overlap: int = Field(3, ge=1, description="Raters per pair (simulated and people).")
+    routes: dict[str, Literal["simulated", "people", "judge"]] = Field(
+        default_factory=dict,
+        description="Hybrid labels: criterion → who labels its pairs, e.g. {harmlessness: "
+        "judge, helpfulness: simulated}; criteria not listed go to `kind`. Each criterion gets "
+        "its own campaign in the one labels database; exports carry each label's source.",
+    )
+    judge: JudgeSettings = Field(
+        default_factory=JudgeSettings,
+        description="The AI judge (kind or a route = judge); its principles default to those "
+        "of the route's criterion.",
+    )
+    overlap: int = Field(
+        3, ge=1, description="Raters per pair (simulated and people; a judge labels once)."
+    )
     db: str | None = Field(
         None, description="Labels database URL or SQLite path (default: RUN/labels/labels.db)."
     )
@@ -90,9 +129,12 @@ class RaterSettings(Config):
     def _check(self) -> RaterSettings:
         if self.kind == "file" and not self.file:
             raise ValueError("raters.kind=file needs raters.file")
-        if self.kind == "simulated" and self.overlap > self.panel.raters:
+        if self.kind == "file" and self.routes:
+            raise ValueError("raters.routes cannot be used with raters.kind=file")
+        used = {self.kind, *self.routes.values()}
+        if "simulated" in used and self.overlap > self.panel.raters:
             raise ValueError("raters.overlap is larger than raters.panel.raters")
-        if self.kind == "people" and self.overlap > len(self.people.raters):
+        if "people" in used and self.overlap > len(self.people.raters):
             raise ValueError("raters.overlap is larger than the number of raters.people.raters")
         return self
 
@@ -139,6 +181,17 @@ class EvalSettings(Config):
     )
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
     seed: int = Field(0, description="Sampling seed (both policies see the same random stream).")
+    xstest: str | None = Field(
+        None,
+        description="XSTest prompts CSV (e.g. ../shared/data/xstest-prompts.csv): refusal rate "
+        "on its unsafe prompts and compliance rate on its safe ones, initial vs final policy.",
+    )
+    xstest_per_label: int | None = Field(
+        None, ge=1, description="Use at most this many safe and this many unsafe prompts (seeded)."
+    )
+    xstest_max_new_tokens: int = Field(
+        40, ge=8, description="Greedy tokens per XSTest reply (refusals show early)."
+    )
 
 
 class RunConfig(Config):

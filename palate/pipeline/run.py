@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from palate.data import prompt_json, prompt_text, read_records, write_jsonl
+from palate.data import Prompt, prompt_json, prompt_text, read_records, write_jsonl
 from palate.errors import DataError
 from palate.label.people import PeopleSettings
 from palate.pipeline.config import RunConfig
@@ -66,7 +66,8 @@ class Run:
             r = _dump(c.raters)
             for k in PeopleSettings.SERVING:
                 r["people"].pop(k)  # serving details do not change the labels
-            return {"raters": r, "gold": _dump(c.gold) if c.raters.kind == "simulated" else None}
+            simulated = "simulated" in {c.raters.kind, *c.raters.routes.values()}
+            return {"raters": r, "gold": _dump(c.gold) if simulated else None}
         if stage == "reward":
             return _dump(c.reward)
         if stage == "ppo":
@@ -109,17 +110,26 @@ class Run:
         from palate.formatting import prompt_ids
         from palate.models import load_tokenizer
 
-        prompts = [r.prompt for r in read_records(cfg.file, "prompts").records]
+        tok = load_tokenizer(self.cfg.model) if cfg.max_tokens is not None else None
         seen: set[str] = set()
-        unique = []
-        for p in prompts:
-            k = prompt_text(p)
-            if k not in seen:
-                seen.add(k)
-                unique.append(p)
-        if cfg.max_tokens is not None:
-            tok = load_tokenizer(self.cfg.model)
-            unique = [p for p in unique if len(prompt_ids(tok, p)) <= cfg.max_tokens]
+
+        def usable(file: str) -> list[Prompt]:
+            """The file's prompts not seen before and short enough."""
+            unique = []
+            for p in (r.prompt for r in read_records(file, "prompts").records):
+                k = prompt_text(p)
+                if k not in seen:
+                    seen.add(k)
+                    unique.append(p)
+            if tok is not None:
+                unique = [p for p in unique if len(prompt_ids(tok, p)) <= (cfg.max_tokens or 0)]
+            return unique
+
+        unique = [(p, cfg.criterion) for p in usable(cfg.file)]
+        for i, extra in enumerate(cfg.more):
+            mine = usable(extra.file)
+            random.Random(f"{self.cfg.seed}:{i}").shuffle(mine)
+            unique += [(p, extra.criterion) for p in mine[: extra.max_prompts]]
         random.Random(self.cfg.seed).shuffle(unique)
         if len(unique) < cfg.eval_prompts + 8:
             raise DataError(
@@ -128,8 +138,11 @@ class Run:
             )
         held_p, train_p = unique[: cfg.eval_prompts], unique[cfg.eval_prompts :][: cfg.max_prompts]
 
-        write_jsonl(train, [{"prompt": prompt_json(p)} for p in train_p])
-        write_jsonl(held, [{"prompt": prompt_json(p)} for p in held_p])
+        def rows(ps: list[tuple[Prompt, str]]) -> list[dict[str, Any]]:
+            return [{"prompt": prompt_json(p), "metadata": {"criterion": c}} for p, c in ps]
+
+        write_jsonl(train, rows(train_p))
+        write_jsonl(held, rows(held_p))
         meta.write_text(json.dumps({"key": key, "train": len(train_p), "eval": len(held_p)}) + "\n")
         return train, held
 

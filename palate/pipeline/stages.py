@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from palate.data import Prompt, prompt_json, read_jsonl, read_records, write_jsonl
+from palate.data import Prompt, prompt_json, prompt_text, read_jsonl, read_records, write_jsonl
 from palate.errors import DataError
 from palate.pipeline.run import STAGES, Run, WaitingForLabels
 from palate.ppo import PPOConfig, RewardSource
@@ -25,6 +25,13 @@ __all__ = ["STAGE_FNS", "ppo_config"]
 
 def read_prompts(path: Path) -> list[Prompt]:
     return [r.prompt for r in read_records(path, "prompts").records]
+
+
+def read_criteria(path: Path) -> list[str]:
+    """Each prompt's criterion (from the split's metadata; helpfulness when absent)."""
+    return [
+        r.metadata.get("criterion", "helpfulness") for r in read_records(path, "prompts").records
+    ]
 
 
 def stage_sft(run: Run) -> dict[str, Any]:
@@ -44,6 +51,8 @@ def stage_pairs(run: Run) -> dict[str, Any]:
 
     cfg = run.cfg.pairs
     prompts = read_prompts(run.root / "prompts" / "train.jsonl")[: cfg.prompts]
+    criteria = read_criteria(run.root / "prompts" / "train.jsonl")[: cfg.prompts]
+    criterion_of = {prompt_text(p): c for p, c in zip(prompts, criteria, strict=True)}
     precision = run.precision()
     model, tok = load_sampler(run.policy, precision)
     random.seed(run.cfg.seed)
@@ -68,6 +77,7 @@ def stage_pairs(run: Run) -> dict[str, Any]:
             "response_b": p.response_b,
             "source_a": p.source_a,
             "source_b": p.source_b,
+            "metadata": {"criterion": criterion_of[prompt_text(p.prompt)]},
         }
         for p in pairs
     ]
@@ -94,39 +104,93 @@ def stage_pairs(run: Run) -> dict[str, Any]:
     return summary
 
 
-def run_campaign(run: Run) -> tuple[sessionmaker[Session], int]:
-    """Create (or find) the run's campaign; returns (sessionmaker, campaign id)."""
+def campaign_plan(run: Run) -> list[tuple[str, str, str | None]]:
+    """(campaign name, who labels it, criterion) for the run's pairs: one campaign labelled by
+    ``raters.kind``, or with ``raters.routes`` one per criterion, each by its route."""
+    raters = run.cfg.raters
+    if not raters.routes:
+        return [(run.campaign, raters.kind, None)]
+    rows = read_jsonl(run.dir("pairs") / "pairs.jsonl")
+    criteria = sorted({r.get("metadata", {}).get("criterion", "helpfulness") for r in rows})
+    plan: list[tuple[str, str, str | None]] = [
+        (f"{run.campaign}-{c}", raters.routes.get(c, raters.kind), c) for c in criteria
+    ]
+    if sum(kind == "people" for _, kind, _ in plan) > 1:
+        raise DataError(
+            f"raters.routes: people would label {len(plan)} campaigns; route one criterion to "
+            "people (the others to simulated or judge)"
+        )
+    return plan
+
+
+def run_campaign(
+    run: Run, name: str | None = None, criterion: str | None = None, overlap: int | None = None
+) -> tuple[sessionmaker[Session], int]:
+    """Create (or find) a campaign of the run's pairs (those of ``criterion`` when given);
+    returns (sessionmaker, campaign id)."""
     from palate.label.campaign import parse_pairs
     from palate.label.db import Campaign, open_db
     from palate.label.store import create_campaign
 
+    name = name or run.campaign
     factory = open_db(run.db_url)
     with factory() as db:
-        camp = db.scalar(select(Campaign).where(Campaign.name == run.campaign))
+        camp = db.scalar(select(Campaign).where(Campaign.name == name))
         if camp is None:
             pairs_file = run.dir("pairs") / "pairs.jsonl"
             pairs = parse_pairs(pairs_file.read_text(), str(pairs_file))
+            if criterion is not None:
+                pairs = [
+                    p for p in pairs if (p.meta or {}).get("criterion", "helpfulness") == criterion
+                ]
             people = run.cfg.raters.people
             guidelines = Path(people.guidelines).read_text() if people.guidelines else ""
             camp = create_campaign(
                 db,
-                run.campaign,
+                name,
                 pairs,
-                overlap=run.cfg.raters.overlap,
+                overlap=overlap or run.cfg.raters.overlap,
                 guidelines=guidelines,
                 source=run.policy,
             )
         return factory, camp.id
 
 
-def stage_labels(run: Run) -> dict[str, Any]:
-    from palate.label.db import Campaign
+def label_by_people(run: Run, factory: sessionmaker[Session], cid: int, name: str) -> None:
+    """Serve the campaign to the run's people until it is complete (or stop and say how)."""
     from palate.label.people import (
         announce,
         campaign_progress,
         ensure_accounts,
         serve_until_complete,
     )
+
+    people = run.cfg.raters.people
+    d = run.dir("labels")
+    accounts_file = d / "raters.json"
+    accounts = ensure_accounts(factory, accounts_file, people, cid)
+    progress = campaign_progress(factory, cid)
+    if progress["labels"] >= progress["target"]:
+        return
+
+    def show(url: str) -> None:
+        announce(url, name, cid, accounts, accounts_file)
+
+    if not people.wait:
+        show(people.url())
+        raise WaitingForLabels(
+            f"campaign {name!r}: {progress['labels']}/{progress['target']} "
+            f"labels. Serve it with `palate serve --db {run.db_url}`, then run the same "
+            "command again.",
+            {"stage": "labels", "status": "waiting_for_labels", **progress},
+        )
+    serve_until_complete(
+        run.db_url, factory, cid, people, serving_file=d / "serving.json", on_url=show
+    )
+
+
+def stage_labels(run: Run) -> dict[str, Any]:
+    from palate.label.db import Campaign
     from palate.label.stats import campaign_stats
     from palate.label.store import export_rows
 
@@ -141,47 +205,45 @@ def stage_labels(run: Run) -> dict[str, Any]:
         summary.update(comparisons=len(records), source=raters.file)
         RunDir(d).write_summary(summary)
         return summary
-    factory, cid = run_campaign(run)
-    if raters.kind == "simulated":
-        from palate.simulate import gold_scorer, label_with_panel
+    rows: list[dict[str, Any]] = []
+    campaigns: dict[str, Any] = {}
+    keep = ("labels", "pairwise_agreement", "krippendorff_alpha", "median_seconds")
+    for name, kind, criterion in campaign_plan(run):
+        factory, cid = run_campaign(run, name, criterion, 1 if kind == "judge" else None)
+        if kind == "simulated":
+            from palate.simulate import gold_scorer, label_with_panel
 
-        label_with_panel(run.db_url, run.campaign, raters.panel, gold_scorer(run.cfg.gold))
-    else:
-        people = raters.people
-        accounts_file = d / "raters.json"
-        accounts = ensure_accounts(factory, accounts_file, people, cid)
-        progress = campaign_progress(factory, cid)
-        if progress["labels"] < progress["target"]:
+            label_with_panel(run.db_url, name, raters.panel, gold_scorer(run.cfg.gold))
+        elif kind == "judge":
+            from palate.feedback import label_campaign, load_judge
 
-            def show(url: str) -> None:
-                announce(url, run.campaign, cid, accounts, accounts_file)
-
-            if not people.wait:
-                show(people.url())
-                raise WaitingForLabels(
-                    f"campaign {run.campaign!r}: {progress['labels']}/{progress['target']} "
-                    f"labels. Serve it with `palate serve --db {run.db_url}`, then run the same "
-                    "command again.",
-                    {"stage": "labels", "status": "waiting_for_labels", **progress},
-                )
-            serve_until_complete(
-                run.db_url, factory, cid, people, serving_file=d / "serving.json", on_url=show
-            )
-    with factory() as db:
-        camp = db.get(Campaign, cid)
-        assert camp is not None
-        rows = export_rows(db, camp)
-        stats = campaign_stats(db, camp)
+            criteria = None if raters.judge.criteria or raters.judge.principles else criterion
+            judge = load_judge(raters.judge, [criteria] if criteria else None)
+            label_campaign(run.db_url, name, judge, tie_band=raters.judge.tie_band)
+        else:
+            label_by_people(run, factory, cid, name)
+        with factory() as db:
+            camp = db.get(Campaign, cid)
+            assert camp is not None
+            rows += export_rows(db, camp)
+            stats = campaign_stats(db, camp)
+        campaigns[name] = {
+            "raters": kind,
+            "criterion": criterion,
+            **{k: stats[k] for k in keep if k in stats},
+        }
     if not rows:
         raise DataError(f"campaign {run.campaign!r}: no usable labels (all skipped or both bad)")
     write_jsonl(out, rows)
-    keep = ("labels", "pairwise_agreement", "krippendorff_alpha", "median_seconds")
-    summary.update(
-        campaign=run.campaign,
-        db=run.db_url,
-        comparisons=len(rows),
-        **{k: stats[k] for k in keep if k in stats},
-    )
+    summary.update(db=run.db_url, comparisons=len(rows))
+    if len(campaigns) == 1:
+        summary.update(campaign=name, **{k: v for k, v in stats.items() if k in keep})
+    else:
+        summary["campaigns"] = campaigns
+        summary["sources"] = {
+            src: sum(r["source"] == src for r in rows)
+            for src in sorted({r["source"] for r in rows})
+        }
     RunDir(d).write_summary(summary)
     return summary
 
@@ -248,6 +310,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
     )
     from palate.ppo import load_score_fn
     from palate.reward import RewardModelScorer
+    from palate.safety import read_xstest, xstest_rates
     from palate.simulate import gold_scorer
     from palate.training import store_frozen_linears
 
@@ -266,6 +329,8 @@ def stage_eval(run: Run) -> dict[str, Any]:
     ckpts = RunDir(run.dir("ppo")).complete_checkpoints()[:-1] if cfg.checkpoints else []
     n_ck = min(cfg.checkpoint_prompts, len(prompts))
     total = 2 * len(prompts) + len(ckpts) * n_ck
+    xstest = read_xstest(cfg.xstest, cfg.xstest_per_label, cfg.seed) if cfg.xstest else []
+    total += 2 * len(xstest)
     kw: dict[str, Any] = {
         "gold": gold,
         "proxy": proxy,
@@ -278,6 +343,17 @@ def stage_eval(run: Run) -> dict[str, Any]:
         old = evaluate_policy(initial, tok, prompts, sampling, **kw)
         final, _ = load_sampler(str(run.dir("ppo") / "final"), precision)
         new = evaluate_policy(final, tok, prompts, sampling, reference=initial, **kw)
+        safety = {}
+        if xstest:
+            xkw: dict[str, Any] = {
+                "max_new_tokens": cfg.xstest_max_new_tokens,
+                "batch_size": cfg.batch_size,
+                "precision": precision,
+                "seed": cfg.seed,
+                "on_batch": bar.advance,
+            }
+            for side, model in (("initial", initial), ("final", final)):
+                safety[side] = xstest_rates(model, tok, xstest, **xkw)
         points = [{"update": 0, "kl": 0.0, **old.means(n_ck)}]
         for ck in ckpts:
             model = checkpoint_policy(ck, run.policy, precision)
@@ -300,6 +376,25 @@ def stage_eval(run: Run) -> dict[str, Any]:
     write_jsonl(d / "rollouts.jsonl", rollout_curve(run.dir("ppo") / "samples", gold))
     kl_target = run.cfg.ppo.kl.target if run.cfg.ppo.kl.adaptive else None
     summary = {"stage": "eval", **result, "kl_target": kl_target}
+    if safety:
+        write_jsonl(
+            d / "xstest.jsonl",
+            [
+                {
+                    "prompt": a["prompt"],
+                    "label": a["label"],
+                    "type": a["type"],
+                    "reply_initial": a["reply"],
+                    "refusal_initial": a["refusal"],
+                    "reply_final": b["reply"],
+                    "refusal_final": b["refusal"],
+                }
+                for a, b in zip(
+                    safety["initial"].pop("replies"), safety["final"].pop("replies"), strict=True
+                )
+            ],
+        )
+        summary["xstest"] = safety
     RunDir(d).write_summary(summary)
     return summary
 

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from palate.config import Config
+from palate.feedback.config import JudgeSettings
 from palate.sampling import SamplingConfig
 from palate.training import LoraSettings, OptimSettings, StageConfig, StageSettings
 
@@ -59,18 +60,24 @@ class RewardShaping(Config):
 
 
 class RewardSource(RewardShaping):
-    """Where scores come from — a palate reward model or a Python callable — and their shaping."""
+    """Where scores come from — a palate reward model, a Python callable or an AI judge (direct
+    RLAIF) — and their shaping."""
 
     model: str | None = Field(None, description="A trained reward model directory (RUN/final).")
     function: str | None = Field(
         None,
         description="Or 'module:function' taking (prompts, responses) and returning scores.",
     )
+    judge: JudgeSettings | None = Field(
+        None,
+        description="Or an AI judge scoring each response directly (d-RLAIF): its expected 1-9 "
+        "rating under the principles' rating questions, mapped to [-1, 1].",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSource:
-        if (self.model is None) == (self.function is None):
-            raise ValueError("set exactly one of reward.model and reward.function")
+        if sum(x is not None for x in (self.model, self.function, self.judge)) != 1:
+            raise ValueError("set exactly one of reward.model, reward.function and reward.judge")
         return self
 
 

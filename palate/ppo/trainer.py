@@ -116,7 +116,8 @@ class Rollout:
 
 def load_score_fn(source: RewardSource, device: torch.device, precision: str) -> ScoreFn:
     """A ``score(prompts, responses)`` callable for the configured reward source: a
-    :class:`palate.reward.RewardModelScorer` for a reward model, or the named function."""
+    :class:`palate.reward.RewardModelScorer` for a reward model, the named function, or an AI
+    judge's ratings (:class:`palate.feedback.JudgeScorer`)."""
     if source.function:
         module_name, _, name = source.function.partition(":")
         try:
@@ -124,7 +125,11 @@ def load_score_fn(source: RewardSource, device: torch.device, precision: str) ->
         except (ImportError, AttributeError) as err:
             raise ConfigError(f"reward.function {source.function!r}: {err}") from err
         return fn
-    assert source.model is not None  # RewardSource checks that one of the two is set
+    if source.judge is not None:
+        from palate.feedback.judge import JudgeScorer, load_judge
+
+        return JudgeScorer(load_judge(source.judge))
+    assert source.model is not None  # RewardSource checks that exactly one is set
     rm = load_reward_model(source.model)
     for module in rm.modules():
         module.to(device).requires_grad_(False)

@@ -114,6 +114,12 @@ class RewardRecipe(StageSettings):
         "optimistic).",
     )
     max_examples: int | None = Field(None, ge=1, description="Use only the first N comparisons.")
+    sources: dict[Literal["human", "ai", "simulated"], float] = Field(
+        default_factory=dict,
+        description="Loss weight per label source (a comparison's `source`: human, ai, "
+        "simulated; default 1 each); 0 drops that source's comparisons (training and "
+        "held-out), e.g. {ai: 0.5} or {simulated: 0}.",
+    )
     split_seed: int | None = Field(
         None, description="Seed for the held-out split alone (default: `seed`)."
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -399,6 +399,7 @@ class EncodedPair:
     margin: float
     prob_chosen: float
     tie: bool
+    weight: float = 1.0  # loss weight (the comparison's source weight)
 
     @property
     def length(self) -> int:
@@ -406,8 +407,12 @@ class EncodedPair:
 
 
 def encode_pairs(
-    rm: RewardModel, comps: Sequence[Comparison], use_margin: bool
+    rm: RewardModel,
+    comps: Sequence[Comparison],
+    use_margin: bool,
+    source_weights: Mapping[Any, float] | None = None,
 ) -> list[EncodedPair]:
+    weights = source_weights or {}
     return [
         EncodedPair(
             rm.encode(c.prompt, c.chosen),
@@ -415,6 +420,7 @@ def encode_pairs(
             c.margin if use_margin else 0.0,
             1.0 if c.prob_chosen is None else c.prob_chosen,
             c.tie,
+            weights.get(c.source, 1.0),
         )
         for c in comps
     ]

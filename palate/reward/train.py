@@ -58,9 +58,11 @@ def train_reward(cfg: RewardConfig, *, stop_after: int | None = None) -> dict[st
 def split_comparisons(cfg: RewardConfig) -> tuple[list[Comparison], list[Comparison]]:
     """(training, held-out) comparisons: ``eval_data``, or a seeded split of ``data`` (by
     comparison, or by whole prompts)."""
-    comps = list(read_records(cfg.data, "comparisons").records)[: cfg.max_examples]
+    comps = kept_sources(read_records(cfg.data, "comparisons").records, cfg)[: cfg.max_examples]
+    if not comps:
+        raise ConfigError(f"{cfg.data}: no comparisons (after reward.sources)")
     if cfg.eval_data:
-        return comps, list(read_records(cfg.eval_data, "comparisons").records)
+        return comps, kept_sources(read_records(cfg.eval_data, "comparisons").records, cfg)
     seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     by_prompt = cfg.split_by == "prompt"
     train, heldout = split_heldout(
@@ -72,6 +74,11 @@ def split_comparisons(cfg: RewardConfig) -> tuple[list[Comparison], list[Compari
     if not train:
         raise ConfigError(f"{cfg.data}: no training comparisons left after the held-out split")
     return train, heldout
+
+
+def kept_sources(comps: list[Comparison], cfg: RewardConfig) -> list[Comparison]:
+    """The comparisons whose source has a non-zero weight in ``cfg.sources``."""
+    return [c for c in comps if cfg.sources.get(c.source, 1.0) > 0]
 
 
 class RewardTrainer(StepTrainer[RewardConfig]):
@@ -140,7 +147,7 @@ class RewardTrainer(StepTrainer[RewardConfig]):
     def encode(self) -> tuple[list[EncodedPair], list[EncodedPair]]:
         """Token ids of every training and held-out pair; reports truncation."""
         use_margin = self.cfg.loss.use_margin
-        train_pairs = encode_pairs(self.rm, self.train_comps, use_margin)
+        train_pairs = encode_pairs(self.rm, self.train_comps, use_margin, self.cfg.sources)
         eval_pairs = encode_pairs(self.rm, self.eval_comps, use_margin)
         both = train_pairs + eval_pairs
         self.truncated = sum(p.chosen.truncated or p.rejected.truncated for p in both)
@@ -184,6 +191,8 @@ class RewardTrainer(StepTrainer[RewardConfig]):
         with autocast(self.device, self.precision):
             r_c, r_r = forward_pairs(self.rm, pairs, self.cfg.train.forward_chunks)
         loss = self.pair_losses(pairs, r_c, r_r)
+        if self.cfg.sources:  # per-source weights (reward.sources)
+            loss = loss * torch.tensor([p.weight for p in pairs], device=loss.device)
         r_c, r_r = r_c.detach(), r_r.detach()
         return loss.sum(), {
             "correct": float((r_c > r_r).sum()),

@@ -179,14 +179,13 @@ def test_api_flow_and_permissions(setup) -> None:
         hh = {"Authorization": f"Bearer {token}"}
         while (r := c.post(f"/api/v1/campaigns/{cid}/next", headers=hh)).status_code == 200:
             j = r.json()
-            assert (
-                c.post(
-                    f"/api/v1/assignments/{j['assignment_id']}/label",
-                    headers=hh,
-                    json={"answer": "a" if "A" in j["a"] else "b"},
-                ).status_code
-                == 200
-            )
+            url = f"/api/v1/assignments/{j['assignment_id']}/label"
+            body: dict = {"answer": "a" if "A" in j["a"] else "b"}
+            if token == ids["other"]:  # a programmatic judge: soft label and principle
+                bad = {**body, "prob": 1.5}
+                assert c.post(url, headers=hh, json=bad).status_code == 422
+                body.update(prob=0.9 if body["answer"] == "a" else 0.1, principle="harm")
+            assert c.post(url, headers=hh, json=body).status_code == 200
             done += 1
     assert done == 8  # 4 pairs x overlap 2
     prog = c.get(f"/api/v1/campaigns/{cid}/progress", headers=h).json()

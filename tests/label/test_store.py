@@ -84,6 +84,31 @@ def test_upgrade_from_0001_hashes_existing_invites(db_url: str) -> None:
     engine.dispose()
 
 
+def test_upgrade_from_0002_marks_the_simulated_panel(db_url: str) -> None:
+    """Users made before kinds existed become human, except the panel's sim-N raters."""
+    import sqlalchemy as sa
+
+    from palate.label.db import User, make_engine
+    from palate.label.migrate import upgrade
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0002")
+    with engine.begin() as con:
+        for name in ("alice", "sim-0", "sim-12"):
+            con.execute(
+                sa.text(
+                    "INSERT INTO users (name, role, active, created_at) "
+                    "VALUES (:n, 'rater', true, CURRENT_TIMESTAMP)"
+                ),
+                {"n": name},
+            )
+    factory = open_db(db_url)
+    with factory() as s:
+        kinds = {u.name: u.kind for u in s.scalars(select(User))}
+    assert kinds == {"alice": "human", "sim-0": "simulated", "sim-12": "simulated"}
+    engine.dispose()
+
+
 def test_overlap_and_no_pair_twice_for_a_rater(db) -> None:
     camp = create_campaign(db, "c", pairs(3), overlap=2)
     raters = [create_user(db, f"r{i}")[0] for i in range(3)]
@@ -268,3 +293,58 @@ def test_plain_postgres_urls_use_psycopg3() -> None:
     for url in ("postgresql://u@localhost/db", "postgres://u@localhost/db"):
         assert make_engine(url).url.drivername == "postgresql+psycopg"
     assert make_engine("x.db").url.drivername == "sqlite"
+
+
+def test_sources_soft_labels_and_judge_vs_people_hand_computed(db) -> None:
+    """Two people and an AI judge on 3 pairs: the judge's soft label (given in the order it was
+    shown) is stored in the pair's orientation, exported per source, and compared with the
+    people's majority on the dashboard."""
+    from palate.label.stats import campaign_stats
+
+    camp = create_campaign(db, "c", pairs(3), overlap=3)
+    people = [create_user(db, f"p{i}")[0] for i in range(2)]
+    judge = create_user(db, "ai:judge", kind="ai")[0]
+    with pytest.raises(ConfigError, match="user kind"):
+        create_user(db, "x", kind="robot")
+    human = {0: ["a", "a", "b"], 1: ["a", "b", "b"]}  # rater -> answers for pairs 1..3
+    for r_i, r in enumerate(people):
+        for _ in range(3):
+            a = next_assignment(db, camp, r)
+            submit_label(db, a, r, LabelIn(answer=flip(human[r_i][a.pair_id - 1], a.swapped)))
+    p_a = {1: 0.9, 2: 0.3, 3: 0.2}  # the judge's P(response_a better), pair orientation
+    for _ in range(3):
+        a = next_assignment(db, camp, judge)
+        want = p_a[a.pair_id]
+        shown_prob = 1 - want if a.swapped else want
+        answer = flip("a" if want >= 0.5 else "b", a.swapped)
+        submit_label(db, a, judge, LabelIn(answer=answer, prob=shown_prob, principle="harm"))
+    with pytest.raises(ConfigError, match="prob"):
+        from palate.label.store import check_label
+
+        check_label(camp, LabelIn(answer="a", prob=1.5))
+    stored = {
+        lab.pair_id: lab for lab in db.scalars(select(Label).where(Label.rater_id == judge.id))
+    }
+    assert {k: round(v.prob, 6) for k, v in stored.items()} == p_a
+    assert {v.principle for v in stored.values()} == {"harm"}
+
+    rows = export_rows(db, camp)
+    assert [r["source"] for r in rows] == ["human", "ai"] * 3  # one row per pair and source
+    ai = [r for r in rows if r["source"] == "ai"]
+    # pair 1: a at 0.9; pair 2: b at 0.7; pair 3: b at 0.8 (the soft label, not the vote)
+    assert [r["chosen"] for r in ai] == ["good 0", "bad 1", "bad 2"]
+    assert [r["prob_chosen"] for r in ai] == pytest.approx([0.9, 0.7, 0.8])
+    assert ai[0]["metadata"]["principles"] == ["harm"] and ai[0]["rater_id"] == "ai:judge"
+    assert len(export_rows(db, camp, sources=["ai"])) == 3
+
+    st = campaign_stats(db, camp)
+    # people: pair 1 a,a agree; pair 2 a,b; pair 3 b,b → 2 of 3
+    assert st["sources"]["human"] == {"labels": 6, "pairwise_agreement": pytest.approx(2 / 3)}
+    assert st["sources"]["ai"] == {"labels": 3, "pairwise_agreement": None}
+    # judge vs people's majority: pair 1 a=a ✓, pair 2 people split (left out), pair 3 b=b ✓
+    assert st["ai_vs_human"] == {"pairs": 2, "agreement": 1.0}
+    assert {r["rater"]: r["kind"] for r in st["raters"]} == {
+        "p0": "human",
+        "p1": "human",
+        "ai:judge": "ai",
+    }

@@ -49,6 +49,16 @@ class LabelBody(BaseModel):
         allow_inf_nan=False,
         description="Time the rater took, if known (0 to 86,400).",
     )
+    prob: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="An AI judge's soft label: P(the first response served is better).",
+    )
+    principle: str | None = Field(
+        None, max_length=64, description="The constitution principle an AI judge used."
+    )
 
 
 @router.post("/campaigns/{cid}/next")

@@ -1,0 +1,98 @@
+"""Hybrid labels in one run: red-team prompts to the AI judge, helpful ones to the simulated
+panel, one store; sources reach the export, the reward stage and the report (tiny model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from palate.cli import app
+from tests.test_pipeline import QUICKSTART, last_json, tiny_overrides
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_routes_send_each_criterion_to_its_raters(tmp_path: Path, shared_data: Path) -> None:
+    out = tmp_path / "run"
+    hh = shared_data / "hh-harmless-dev.jsonl"
+    sets = tiny_overrides(out, hh) + [
+        f"prompts.file={shared_data / 'helpful-prompts.jsonl'}",
+        f"prompts.more=[{{file: {hh}, criterion: harmlessness, max_prompts: 40}}]",
+        "prompts.max_prompts=40",
+        "pairs.prompts=12",
+        "raters.routes={harmlessness: judge}",
+        "raters.judge.model=tiny",
+        "raters.judge.precision=fp32",
+        f"eval.xstest={shared_data / 'xstest-prompts.csv'}",
+        "eval.xstest_per_label=4",
+        "eval.xstest_max_new_tokens=8",
+    ]
+    args = ["run", str(QUICKSTART), "--json"] + [x for s in sets for x in ("--set", s)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = last_json(res.stdout)
+
+    train = read(out / "prompts" / "train.jsonl")
+    assert {r["metadata"]["criterion"] for r in train} == {"helpfulness", "harmlessness"}
+    pairs = read(out / "pairs" / "pairs.jsonl")
+    crit = {p["metadata"]["criterion"] for p in pairs}
+    assert crit == {"helpfulness", "harmlessness"}, "12 of 40 mixed prompts hold both kinds"
+
+    labels = json.loads((out / "labels" / "summary.json").read_text())
+    camps = labels["campaigns"]
+    assert {c["criterion"]: c["raters"] for c in camps.values()} == {
+        "harmlessness": "judge",
+        "helpfulness": "simulated",
+    }
+    judged = next(c for c in camps.values() if c["raters"] == "judge")
+    n_harm = sum(p["metadata"]["criterion"] == "harmlessness" for p in pairs)
+    assert judged["labels"] == n_harm  # the judge labels each pair once
+    comps = read(out / "labels" / "comparisons.jsonl")
+    by_source = {
+        src: {c["metadata"]["criterion"] for c in comps if c["source"] == src}
+        for src in {c["source"] for c in comps}
+    }
+    assert by_source == {"ai": {"harmlessness"}, "simulated": {"helpfulness"}}
+    ai = [c for c in comps if c["source"] == "ai"]
+    assert len(ai) == n_harm and all(c["rater_id"] == "ai:tiny" for c in ai)
+    assert all(
+        set(c["metadata"]["principles"]) <= {"harm", "no-assistance-to-wrongdoing", "kind-and-fair"}
+        for c in ai
+    )
+    assert labels["sources"] == {"ai": len(ai), "simulated": len(comps) - len(ai)}
+
+    # XSTest before vs after, in the summary and the report
+    x = json.loads((out / "eval" / "summary.json").read_text())["xstest"]
+    for side in ("initial", "final"):
+        assert x[side]["unsafe_refusal"]["n"] == 4 and x[side]["safe_compliance"]["n"] == 4
+    replies = read(out / "eval" / "xstest.jsonl")
+    assert len(replies) == 8 and set(replies[0]) == {
+        "prompt",
+        "label",
+        "type",
+        "reply_initial",
+        "refusal_initial",
+        "reply_final",
+        "refusal_final",
+    }
+    page = Path(summary["report"]).read_text()
+    assert "Safety: XSTest" in page and "refuses unsafe prompts" in page
+
+    # the reward stage can drop a source: only the panel's comparisons remain
+    reward = json.loads((out / "reward" / "summary.json").read_text())
+    from palate.config import load_config
+    from palate.pipeline import RunConfig
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import reward_config
+    from palate.reward import train_reward
+
+    cfg = load_config(RunConfig, QUICKSTART, [*sets, "reward.sources={ai: 0}"])
+    rcfg = reward_config(Run(cfg)).model_copy(update={"output_dir": str(tmp_path / "rm")})
+    dropped = train_reward(rcfg)
+    total = reward["train_pairs"] + reward["eval_pairs"]
+    assert total == len(comps)
+    assert dropped["train_pairs"] + dropped["eval_pairs"] == len(comps) - len(ai)
