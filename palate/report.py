@@ -236,6 +236,7 @@ def build_report(
         "<h2>Result: final vs initial policy on held-out prompts</h2>",
         _win_table(summary),
         _xstest(summary.get("xstest")),
+        _sycophancy(summary.get("sycophancy")),
         "<h2>Training</h2>",
         _curves(ppo_metrics),
         "<h2>Over-optimisation: gold vs proxy</h2>",
@@ -280,6 +281,43 @@ def _xstest(x: dict[str, Any] | None) -> str:
         "reply's opening. 95% bootstrap intervals.</p>"
         '<table class="wins"><tr><th></th><th>initial</th><th>final</th></tr>'
         f"{rows}</table>"
+    )
+
+
+_SYCOPHANCY_ROWS = (
+    ("opinion", "rate", "picks the option agreeing with the user (debiased; 0.5 = no lean)"),
+    ("opinion", "mean_p_matching", "mean P(option agreeing with the user)"),
+    ("opinion", "letter_a_rate", "letter bias removed: mean P((A)) (0.5 = none)"),
+    ("are_you_sure", "p_true_before", "TruthfulQA: P(true answer)"),
+    ("are_you_sure", "delta", "change after “Are you sure?” (negative = caves in)"),
+    ("are_you_sure", "flip_rate", "flips away from the true answer after pushback"),
+    ("feedback", "shift_wrote", "rating shift when the user wrote the answer (1–9 scale)"),
+    ("feedback", "shift_like", "rating shift when the user likes it"),
+    ("feedback", "shift_dislike", "rating shift when the user dislikes it"),
+    ("feedback", "true_minus_false", "rates true answers above false ones by"),
+)
+
+
+def _sycophancy(x: dict[str, Any] | None) -> str:
+    """Sycophancy before vs after (palate/sycophancy.py)."""
+    if not x:
+        return ""
+    rows = []
+    for group, key, label in _SYCOPHANCY_ROWS:
+        a = x["initial"].get(group, {}).get(key)
+        b = x["final"].get(group, {}).get(key)
+        if a is not None or b is not None:
+            rows.append(
+                f"<tr><th>{html.escape(label)}</th><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>"
+            )
+    return (
+        "<h2>Sycophancy</h2>"
+        '<p class="muted">By log-probabilities; every A/B item asked with its options in both '
+        "orders and averaged (the letter bias removed is shown). Bad signs after RLHF: the "
+        "agreeing option's share rising, P(true) falling after pushback, ratings following "
+        "the user's feelings.</p>"
+        '<table class="wins"><tr><th></th><th>initial</th><th>final</th></tr>'
+        f"{''.join(rows)}</table>"
     )
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "RunPPO",
     "RunReward",
     "RunSFT",
+    "SycophancySettings",
 ]
 
 
@@ -167,6 +168,25 @@ class RunPPO(PPORecipe):
     )
 
 
+class SycophancySettings(Config):
+    """Sycophancy before vs after (``palate/sycophancy.py``), by log-probabilities."""
+
+    caa: str | None = Field(
+        "../shared/data/sycophancy-caa-ab.json",
+        description="CAA's A/B sycophancy items (opinion sycophancy); null: skip.",
+    )
+    truthfulqa: str | None = Field(
+        "../shared/data/truthfulqa-mc.json",
+        description="TruthfulQA multiple choice (are-you-sure and feedback); null: skip both.",
+    )
+    truthfulqa_items: int = Field(
+        100, ge=1, description="Questions for are-you-sure (seeded sample of TruthfulQA)."
+    )
+    feedback_items: int = Field(
+        50, ge=1, description="Questions whose true and false answers the model rates (feedback)."
+    )
+
+
 class EvalSettings(Config):
     """Final vs initial policy on held-out prompts, and along PPO checkpoints."""
 
@@ -191,6 +211,11 @@ class EvalSettings(Config):
     )
     xstest_max_new_tokens: int = Field(
         40, ge=8, description="Greedy tokens per XSTest reply (refusals show early)."
+    )
+    sycophancy: SycophancySettings | None = Field(
+        None,
+        description="Measure opinion, are-you-sure and feedback sycophancy of both policies "
+        "(e.g. sycophancy: {} for the shared data sets); null: skip.",
     )
 
 

@@ -354,6 +354,19 @@ def stage_eval(run: Run) -> dict[str, Any]:
             }
             for side, model in (("initial", initial), ("final", final)):
                 safety[side] = xstest_rates(model, tok, xstest, **xkw)
+        sycophancy = {}
+        if cfg.sycophancy is not None:
+            from palate.sycophancy import measure
+
+            for side, model in (("initial", initial), ("final", final)):
+                sycophancy[side] = measure(
+                    model,
+                    tok,
+                    **cfg.sycophancy.model_dump(),
+                    batch_size=cfg.batch_size,
+                    precision=precision,
+                    seed=cfg.seed,
+                )
         points = [{"update": 0, "kl": 0.0, **old.means(n_ck)}]
         for ck in ckpts:
             model = checkpoint_policy(ck, run.policy, precision)
@@ -395,6 +408,8 @@ def stage_eval(run: Run) -> dict[str, Any]:
             ],
         )
         summary["xstest"] = safety
+    if sycophancy:
+        summary["sycophancy"] = sycophancy
     RunDir(d).write_summary(summary)
     return summary
 

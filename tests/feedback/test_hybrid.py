@@ -30,6 +30,9 @@ def test_routes_send_each_criterion_to_its_raters(tmp_path: Path, shared_data: P
         f"eval.xstest={shared_data / 'xstest-prompts.csv'}",
         "eval.xstest_per_label=4",
         "eval.xstest_max_new_tokens=8",
+        f"eval.sycophancy={{caa: {shared_data / 'sycophancy-caa-ab.json'}, "
+        f"truthfulqa: {shared_data / 'truthfulqa-mc.json'}, truthfulqa_items: 4, "
+        "feedback_items: 3}",
     ]
     args = ["run", str(QUICKSTART), "--json"] + [x for s in sets for x in ("--set", s)]
     res = CliRunner().invoke(app, args)
@@ -81,6 +84,11 @@ def test_routes_send_each_criterion_to_its_raters(tmp_path: Path, shared_data: P
     }
     page = Path(summary["report"]).read_text()
     assert "Safety: XSTest" in page and "refuses unsafe prompts" in page
+    syc = json.loads((out / "eval" / "summary.json").read_text())["sycophancy"]
+    for side in ("initial", "final"):
+        assert syc[side]["opinion"]["items"] == 50
+        assert syc[side]["are_you_sure"]["items"] == 4 and syc[side]["feedback"]["items"] == 6
+    assert "<h2>Sycophancy</h2>" in page and "caves in" in page
 
     # the reward stage can drop a source: only the panel's comparisons remain
     reward = json.loads((out / "reward" / "summary.json").read_text())
