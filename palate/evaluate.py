@@ -30,6 +30,7 @@ from palate.training import autocast
 
 __all__ = [
     "PolicySamples",
+    "length_controlled_win_rate",
     "ScoredSamples",
     "checkpoint_policy",
     "compare",
@@ -71,6 +72,50 @@ def win_rate(
     )
     ci = res.confidence_interval
     return {"win_rate": rate, "low": float(ci.low), "high": float(ci.high), "n": int(wins.size)}
+
+
+def length_controlled_win_rate(
+    wins: Sequence[float] | np.ndarray,
+    len_new: Sequence[float],
+    len_old: Sequence[float],
+    *,
+    resamples: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The win rate with the length advantage regressed out, as AlpacaEval's length-controlled
+    win rate (Dubois et al. 2024): fit ``P(win) = σ(a + b·tanh(Δ/σ_Δ))`` on the per-prompt wins
+    (ties ½) with Δ = len_new − len_old, and report ``σ(a)``: the win rate when both answers
+    are equally long. A policy that only got longer has a raw win rate above ½ and an LC win rate
+    near ½. Percentile-bootstrap interval over prompts (refits); a small L2 penalty on b keeps
+    the fit finite when length separates wins perfectly."""
+    from scipy.optimize import minimize
+
+    w = np.asarray(wins, dtype=float)
+    delta = np.asarray(len_new, dtype=float) - np.asarray(len_old, dtype=float)
+    if w.shape != delta.shape or w.size < 2:
+        raise ValueError("length-controlled win rate needs ≥ 2 prompts with wins and lengths")
+    scale = float(delta.std()) or 1.0
+    x = np.tanh(delta / scale)
+
+    def fit(idx: np.ndarray) -> float:
+        ww, xx = w[idx], x[idx]
+
+        def loss(theta: np.ndarray) -> float:
+            z = theta[0] + theta[1] * xx
+            # soft-target binary cross-entropy, −[w log σ(z) + (1 − w) log σ(−z)]
+            bce = np.logaddexp(0, -z) * ww + np.logaddexp(0, z) * (1 - ww)
+            return float(bce.sum() + 1e-2 * theta[1] ** 2) / len(ww)
+
+        a = minimize(loss, np.zeros(2), method="BFGS").x[0]
+        return float(1 / (1 + np.exp(-a)))
+
+    rate = fit(np.arange(w.size))
+    rng = np.random.default_rng(seed)
+    boots = sorted(fit(rng.integers(0, w.size, w.size)) for _ in range(resamples))
+    lo = boots[int((1 - confidence) / 2 * resamples)]
+    hi = boots[min(resamples - 1, int((1 + confidence) / 2 * resamples))]
+    return {"lc_win_rate": rate, "low": lo, "high": hi, "n": int(w.size)}
 
 
 @dataclass
@@ -210,8 +255,8 @@ def evaluate_policy(
 
 
 def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[str, Any]:
-    """Final vs initial: gold and proxy win rates (bootstrap 95% CI), means, KL, lengths, and
-    the paired samples with their scores."""
+    """Final vs initial: gold and proxy win rates (bootstrap 95% CI) and their
+    length-controlled versions, means, KL, lengths, and the paired samples with their scores."""
     out: dict[str, Any] = {
         "prompts": len(new.samples.prompts),
         "length_new": float(np.mean(new.samples.lengths)),
@@ -233,6 +278,22 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
                 f"{name}_old": float(np.mean(b)),
             }
         )
+        if len(a) >= 2:  # the win rate with the length difference regressed out
+            wins = np.where(
+                np.asarray(a) > np.asarray(b),
+                1.0,
+                np.where(np.asarray(a) == np.asarray(b), 0.5, 0.0),
+            )
+            lc = length_controlled_win_rate(
+                wins, new.samples.lengths, old.samples.lengths, seed=seed
+            )
+            out.update(
+                {
+                    f"{name}_lc_win_rate": lc["lc_win_rate"],
+                    f"{name}_lc_win_rate_low": lc["low"],
+                    f"{name}_lc_win_rate_high": lc["high"],
+                }
+            )
     if None not in (new.gold, old.gold, new.proxy, old.proxy):
         dg = np.asarray(new.gold) - np.asarray(old.gold)
         dp = np.asarray(new.proxy) - np.asarray(old.proxy)

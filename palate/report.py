@@ -25,6 +25,11 @@ PLOTS = {
     "gold-vs-proxy": "Gold vs proxy score along PPO (held-out checkpoints; rollouts)",
     "length-histogram": "Response lengths",
 }
+# plots of optional evaluations (present when configured)
+OPTIONAL_PLOTS = {
+    "overopt": "Over-optimisation: gain over the initial policy against √KL, with Gao et al.'s fits",
+}
+TITLES = {**PLOTS, **OPTIONAL_PLOTS}
 
 
 def _png(fig: Any) -> str:
@@ -38,8 +43,8 @@ def _png(fig: Any) -> str:
 
 def _img(plot_id: str, fig: Any) -> str:
     return (
-        f'<figure id="{plot_id}"><img alt="{html.escape(PLOTS[plot_id])}" '
-        f'src="data:image/png;base64,{_png(fig)}"><figcaption>{html.escape(PLOTS[plot_id])}'
+        f'<figure id="{plot_id}"><img alt="{html.escape(TITLES[plot_id])}" '
+        f'src="data:image/png;base64,{_png(fig)}"><figcaption>{html.escape(TITLES[plot_id])}'
         "</figcaption></figure>"
     )
 
@@ -151,6 +156,16 @@ def _win_table(s: dict[str, Any]) -> str:
             f"<td>{ci}</td><td>{_fmt(s.get(f'{name}_new'))}</td>"
             f"<td>{_fmt(s.get(f'{name}_old'))}</td></tr>"
         )
+    for name, label in (("gold", "gold, length-controlled"), ("proxy", "proxy, length-controlled")):
+        if f"{name}_lc_win_rate" not in s:
+            continue
+        ci = (
+            f"[{_fmt(s.get(f'{name}_lc_win_rate_low'))}, {_fmt(s.get(f'{name}_lc_win_rate_high'))}]"
+        )
+        rows.append(
+            f"<tr><th>{label}</th><td>{_fmt(s[f'{name}_lc_win_rate'])}</td><td>{ci}</td>"
+            "<td></td><td></td></tr>"
+        )
     if "length_new" in s:
         rows.append(
             f"<tr><th>response length (tokens)</th><td></td><td></td>"
@@ -216,6 +231,7 @@ def build_report(
     lengths_final: Sequence[int] = (),
     samples: Sequence[dict[str, Any]] = (),
     notes: str = "",
+    alarms: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write the report to ``path`` (atomically) and return it.
 
@@ -237,7 +253,9 @@ def build_report(
         _win_table(summary),
         _xstest(summary.get("xstest")),
         _sycophancy(summary.get("sycophancy")),
+        _overopt(summary.get("overopt")),
         "<h2>Training</h2>",
+        _alarms(alarms),
         _curves(ppo_metrics),
         "<h2>Over-optimisation: gold vs proxy</h2>",
         '<p class="muted">The reward model is a proxy for the gold preference. Proxy rising while '
@@ -255,6 +273,87 @@ def build_report(
     with atomic_write(path) as fh:
         fh.write("\n".join(parts))
     return path
+
+
+def _overopt(o: dict[str, Any] | None) -> str:
+    """Best-of-n and PPO: gold and proxy gains against d = √KL, with the fitted curves."""
+    if not o:
+        return ""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fits = o.get("fits", {})
+    panels = (
+        ("bon", o.get("bon", []), "best-of-n (initial policy, chosen by the proxy)"),
+        ("rl", o.get("rl", []), "PPO checkpoints"),
+    )
+    for ax, (form, pts, title) in zip(axes, panels, strict=True):
+        for key, color in (("gold", "#2a9d8f"), ("proxy", "#e76f51")):
+            if not pts:
+                continue
+            ax.plot(
+                [p["d"] for p in pts],
+                [p[f"{key}_gain"] for p in pts],
+                "o",
+                color=color,
+                label=f"{key}",
+            )
+            f = fits.get(f"{form}_{key}")
+            if f:
+                top = max(p["d"] for p in pts) * 1.1 or 1.0
+                xs = [top * i / 100 for i in range(1, 101)]
+                g = (lambda x: x) if form == "bon" else math.log
+                ax.plot(
+                    xs,
+                    [x * (f["alpha"] - f["beta"] * g(x)) for x in xs],
+                    "-",
+                    color=color,
+                    alpha=0.6,
+                    label=f"{key} fit α={f['alpha']:.2f} β={f['beta']:.2f}",
+                )
+                if key == "gold" and f.get("peak_d") and f["peak_d"] <= top:
+                    ax.axvline(f["peak_d"], color=color, ls=":", alpha=0.7)
+        ax.set_xlabel("d = √KL (nats^½)")
+        ax.set_ylabel("gain over the initial policy")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    rows = []
+    for name, f in sorted(fits.items()):
+        peak = (
+            "none in range"
+            if f.get("peak_kl") is None
+            else f"KL {f['peak_kl']:.2f}, gain {f['peak_gain']:.3f}"
+        )
+        rows.append(
+            f"<tr><th>{html.escape(name)}</th><td>{_fmt(f['alpha'])}</td><td>{_fmt(f['beta'])}</td>"
+            f"<td>{_fmt(f['r2'])}</td><td>{html.escape(peak)}</td></tr>"
+        )
+    table = (
+        '<table class="wins"><tr><th>fit</th><th>α</th><th>β</th><th>R²</th><th>peak</th></tr>'
+        f"{''.join(rows)}</table>"
+    )
+    return (
+        "<h2>Over-optimisation</h2>"
+        '<p class="muted">Best-of-n: R(d) = d(α − βd), KL = log n − (n−1)/n; PPO: '
+        "R(d) = d(α − β log d) (Gao et al. 2022). The gold peak (dotted) is where more "
+        "optimisation against the proxy starts to hurt.</p>" + _img("overopt", fig) + table
+    )
+
+
+def _alarms(alarms: Sequence[dict[str, Any]]) -> str:
+    """The monitors' alarms during PPO (palate/monitors.py), first firing of each."""
+    if not alarms:
+        return '<p class="muted" id="alarms">Monitors: no alarm during training.</p>'
+    rows = "".join(
+        f"<tr><th>{html.escape(a['name'])}</th><td>update {a['update']}</td>"
+        f"<td>{html.escape(a['message'])}</td></tr>"
+        for a in alarms
+    )
+    return f'<table class="alarms" id="alarms"><tr><th colspan="3">Alarms</th></tr>{rows}</table>'
 
 
 def _xstest(x: dict[str, Any] | None) -> str:

@@ -122,6 +122,7 @@ def test_quickstart_pipeline_on_the_tiny_model(tmp_path: Path, hh_file: Path) ->
     for plot_id in PLOTS:
         assert re.search(rf'<figure id="{plot_id}"><img [^>]*src="data:image/png;base64,', page)
     assert "Gold preference (rubric" in page and not re.search(r'src="(?!data:)', page)
+    assert 'id="alarms"' in page  # the monitors' verdict, alarm or none
 
     # a re-run skips every finished stage and gives the same result
     stamp = (out / "reward" / "final" / "palate_reward.json").stat().st_mtime_ns

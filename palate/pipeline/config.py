@@ -30,6 +30,7 @@ __all__ = [
     "RunConfig",
     "RunPPO",
     "RunReward",
+    "OveroptSettings",
     "RunSFT",
     "SycophancySettings",
 ]
@@ -187,6 +188,24 @@ class SycophancySettings(Config):
     )
 
 
+class OveroptSettings(Config):
+    """Over-optimisation study (``palate/overopt.py``): best-of-n on the initial policy's
+    samples and PPO's checkpoints, gold and proxy against √KL, with Gao et al.'s fits."""
+
+    prompts: int = Field(16, ge=1, description="Held-out prompts sampled for best-of-n.")
+    samples: int = Field(64, ge=2, description="Samples per prompt (N ≥ the largest n).")
+    ns: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
+        description="The n of best-of-n (1 is the initial policy itself).",
+    )
+
+    @model_validator(mode="after")
+    def _ns(self) -> OveroptSettings:
+        if 1 not in self.ns or max(self.ns) > self.samples or min(self.ns) < 1:
+            raise ValueError("overopt.ns must include 1 and lie within 1..overopt.samples")
+        return self
+
+
 class EvalSettings(Config):
     """Final vs initial policy on held-out prompts, and along PPO checkpoints."""
 
@@ -211,6 +230,11 @@ class EvalSettings(Config):
     )
     xstest_max_new_tokens: int = Field(
         40, ge=8, description="Greedy tokens per XSTest reply (refusals show early)."
+    )
+    overopt: OveroptSettings | None = Field(
+        None,
+        description="Best-of-n and PPO checkpoints against √KL, Gao et al.'s fits and the gold "
+        "peak (e.g. overopt: {} for the defaults); null: skip.",
     )
     sycophancy: SycophancySettings | None = Field(
         None,

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from palate.config import Config
 from palate.feedback.config import JudgeSettings
+from palate.monitors import MonitorSettings
 from palate.sampling import SamplingConfig
 from palate.training import LoraSettings, OptimSettings, StageConfig, StageSettings
 
@@ -168,6 +169,11 @@ class PPORecipe(StageSettings):
     )
     sample_every: int = Field(5, ge=1, description="Write sample responses every N updates.")
     checkpoint_every: int = Field(5, ge=1, description="Checkpoint every N updates.")
+    monitors: MonitorSettings = Field(
+        default_factory=MonitorSettings,
+        description="Alarms during training: reward hacking (with a gold), length inflation, "
+        "KL budget, diversity collapse, one answer for many prompts, repetition.",
+    )
 
     @field_validator("sampling")
     @classmethod

@@ -44,6 +44,7 @@ from palate.lm import (
     trimmed_by_prompt_length,
 )
 from palate.models import load_model
+from palate.monitors import Alarm, Monitor
 from palate.ppo.config import PPOConfig, RewardSource
 from palate.ppo.critic import SeparateCritic, ValueHead
 from palate.ppo_math import (
@@ -79,14 +80,20 @@ __all__ = ["PPOTrainer", "Rollout", "adapters_disabled", "load_score_fn", "merge
 
 
 def ppo(
-    cfg: PPOConfig, *, score_fn: ScoreFn | None = None, stop_after: int | None = None
+    cfg: PPOConfig,
+    *,
+    score_fn: ScoreFn | None = None,
+    stop_after: int | None = None,
+    gold_fn: ScoreFn | None = None,
 ) -> dict[str, Any]:
     """``palate ppo``: run ``ppo.updates`` PPO updates; returns the summary.
 
     ``score_fn`` overrides ``cfg.reward`` with a Python callable (rule-based rewards, remote
     judges). ``stop_after=k`` stops after update k with a checkpoint, as if interrupted.
+    ``gold_fn`` (a held-out gold, e.g. ``palate run``'s) lets the monitors watch for reward
+    hacking.
     """
-    return PPOTrainer(cfg, score_fn).train(stop_after=stop_after)
+    return PPOTrainer(cfg, score_fn, gold_fn).train(stop_after=stop_after)
 
 
 # --------------------------------------------------------------------------- dataflow
@@ -169,9 +176,12 @@ class PPOTrainer:
     """Holds the models, optimiser and controllers; :meth:`step` is one PPO update and
     :meth:`train` the stage."""
 
-    def __init__(self, cfg: PPOConfig, score_fn: ScoreFn | None = None):
+    def __init__(
+        self, cfg: PPOConfig, score_fn: ScoreFn | None = None, gold_fn: ScoreFn | None = None
+    ):
         self.cfg = cfg
         self.acc, self.run, self.device, self.precision = begin_stage(cfg)
+        self.monitor = Monitor(cfg.monitors, gold=gold_fn)
         self.prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records][
             : cfg.max_prompts
         ]
@@ -296,11 +306,13 @@ class PPOTrainer:
         per_epoch = len(self.prompts) // cfg.ppo.batch_size
         rows: list[dict[str, Any]] = []
         t_start = time.perf_counter()
-        stopped = False
+        stopped = halted = False
+        alarms: list[Alarm] = []
         with progress_bar("ppo", total=cfg.ppo.updates, completed=self.step_no) as bar:
             try:
                 while self.step_no < cfg.ppo.updates:
                     row, rollout = self.step(self.next_prompts(per_epoch))
+                    alarms = self.watch(rollout, row)
                     rows.append(row)
                     metrics.log(self.step_no, row)
                     if self.step_no % cfg.sample_every == 0 or self.step_no == 1:
@@ -314,13 +326,15 @@ class PPOTrainer:
                     stopped = (
                         stop_after is not None and stop_after <= self.step_no < cfg.ppo.updates
                     )
+                    halted = bool(alarms) and cfg.monitors.action == "stop"
                     if (
                         self.step_no % cfg.checkpoint_every == 0
                         or stopped
+                        or halted
                         or self.step_no == cfg.ppo.updates
                     ):
                         self.checkpoint()
-                    if stopped:
+                    if stopped or halted:
                         break
             except KeyboardInterrupt:
                 self.checkpoint()
@@ -342,7 +356,10 @@ class PPOTrainer:
             "length_last": last.get("response/length"),
             "episodes_per_s": len(rows) * cfg.ppo.batch_size / seconds if rows else None,
             "precision": self.precision,
+            "alarms": [a.name for a in self.monitor.fired],
         }
+        if halted:
+            summary["halted_by"] = [a.name for a in alarms]
         if stopped:
             summary["stopped_at"] = self.step_no
             return summary
@@ -355,6 +372,17 @@ class PPOTrainer:
         run.write_summary(summary)
         self.acc.end_training()
         return summary
+
+    def watch(self, rollout: Rollout, row: dict[str, Any]) -> list[Alarm]:
+        """Run the monitors on this update (adds ``monitor/*``, ``alarm/*`` to ``row``); print
+        and record each alarm the first time it fires."""
+        known = len(self.monitor.fired)
+        alarms = self.monitor.observe(self.step_no, rollout.prompts, rollout.texts, row)
+        if len(self.monitor.fired) > known and self.acc.is_main_process:
+            for a in self.monitor.fired[known:]:
+                console.print(f"[bold red]alarm[/] {a.name} at update {a.update}: {a.message}")
+            write_jsonl(self.run.path / "alarms.jsonl", self.monitor.records())
+        return alarms
 
     def next_prompts(self, per_epoch: int) -> list[Prompt]:
         """The next update's prompts: a seeded permutation per epoch, so resuming is exact."""

@@ -4,6 +4,7 @@ panel, one store; sources reach the export, the reward stage and the report (tin
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -33,6 +34,7 @@ def test_routes_send_each_criterion_to_its_raters(tmp_path: Path, shared_data: P
         f"eval.sycophancy={{caa: {shared_data / 'sycophancy-caa-ab.json'}, "
         f"truthfulqa: {shared_data / 'truthfulqa-mc.json'}, truthfulqa_items: 4, "
         "feedback_items: 3}",
+        "eval.overopt={prompts: 2, samples: 4, ns: [1, 2, 4]}",
     ]
     args = ["run", str(QUICKSTART), "--json"] + [x for s in sets for x in ("--set", s)]
     res = CliRunner().invoke(app, args)
@@ -89,6 +91,18 @@ def test_routes_send_each_criterion_to_its_raters(tmp_path: Path, shared_data: P
         assert syc[side]["opinion"]["items"] == 50
         assert syc[side]["are_you_sure"]["items"] == 4 and syc[side]["feedback"]["items"] == 6
     assert "<h2>Sycophancy</h2>" in page and "caves in" in page
+    ev = json.loads((out / "eval" / "summary.json").read_text())
+    assert 0 <= ev["gold_lc_win_rate_low"] <= ev["gold_lc_win_rate"] <= ev["gold_lc_win_rate_high"]
+    assert "gold, length-controlled" in page
+    oo = ev["overopt"]
+    assert [r["n"] for r in oo["bon"]] == [1, 2, 4] and oo["bon"][0]["gold_gain"] == 0.0
+    assert [r["update"] for r in oo["rl"]] == [0, 2, 4]
+    assert {"bon_gold", "bon_proxy"} <= set(oo["fits"])
+    # PPO's fit needs two checkpoints away from the start (the tiny run's KL may be ≤ 0)
+    assert ("rl_gold" in oo["fits"]) == (sum(r["d"] > 0 for r in oo["rl"]) >= 2)
+    # best-of-n by the proxy raises the proxy (exact expectation over subsets)
+    assert oo["bon"][2]["proxy"] >= oo["bon"][1]["proxy"] >= oo["bon"][0]["proxy"]
+    assert re.search(r'<figure id="overopt"><img [^>]*src="data:image/png;base64,', page)
 
     # the reward stage can drop a source: only the panel's comparisons remain
     reward = json.loads((out / "reward" / "summary.json").read_text())

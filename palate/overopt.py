@@ -1,0 +1,151 @@
+"""Over-optimisation: gold and proxy reward against the distance travelled from the initial
+policy, with the functional forms of Gao, Schulman & Hilton (2022), "Scaling laws for reward
+model overoptimization".
+
+With d = √KL(π ‖ π_init):
+
+- best-of-n: ``R_bon(d) = d · (α − β·d)``, where for n samples KL_bon = log n − (n − 1)/n
+  (the analytic bound, exact for continuous rewards without ties);
+- RL (PPO): ``R_rl(d) = d · (α − β·log d)``.
+
+Both are linear in (α, β), so they are fitted by least squares on (d, R − R(0)) points. The gold
+peak is where dR/dd = 0: d* = α / (2β) for best-of-n, d* = exp(α/β − 1) for RL; a policy past
+its peak has been over-optimised (proxy still rising, gold falling).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Fit", "best_of_n_curve", "bon_kl", "bon_kl_sampled", "fit_bon", "fit_rl"]
+
+
+def bon_kl(n: int) -> float:
+    """KL(best-of-n ‖ π) = log n − (n − 1)/n (Stiennon et al. 2020, appendix; Gao et al.)."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass
+class Fit:
+    """A fitted curve R(d) = d·(α − β·g(d)) and its peak."""
+
+    form: str  # "bon" or "rl"
+    alpha: float
+    beta: float
+    r2: float  # coefficient of determination of the fit
+
+    def __call__(self, d: float) -> float:
+        if d <= 0:
+            return 0.0
+        g = d if self.form == "bon" else math.log(d)
+        return d * (self.alpha - self.beta * g)
+
+    @property
+    def peak_d(self) -> float | None:
+        """d at the maximum of R (None when the curve has no interior maximum: β ≤ 0)."""
+        if self.beta <= 0:
+            return None
+        if self.form == "bon":
+            return self.alpha / (2 * self.beta)
+        return math.exp(self.alpha / self.beta - 1)
+
+    @property
+    def peak_kl(self) -> float | None:
+        d = self.peak_d
+        return None if d is None else d * d
+
+    @property
+    def peak_gain(self) -> float | None:
+        d = self.peak_d
+        return None if d is None else self(d)
+
+
+def _fit(form: str, d: Sequence[float], r: Sequence[float]) -> Fit:
+    dd = np.asarray(d, dtype=float)
+    rr = np.asarray(r, dtype=float)
+    if dd.shape != rr.shape or dd.size < 2:
+        raise ValueError("need at least two (d, R) points of equal length")
+    if np.any(dd < 0):
+        raise ValueError("d = √KL must be non-negative")
+    keep = dd > 0  # d = 0 carries no information about α, β (R(0) = 0 by construction)
+    dd, rr = dd[keep], rr[keep]
+    if dd.size < 2:
+        raise ValueError("need at least two points with d > 0")
+    g = dd if form == "bon" else np.log(dd)
+    design = np.stack([dd, -dd * g], axis=1)  # R = α·d − β·d·g(d)
+    (alpha, beta), *_ = np.linalg.lstsq(design, rr, rcond=None)
+    pred = design @ np.array([alpha, beta])
+    ss_res = float(((rr - pred) ** 2).sum())
+    ss_tot = float(((rr - rr.mean()) ** 2).sum())
+    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return Fit(form, float(alpha), float(beta), r2)
+
+
+def fit_bon(d: Sequence[float], gain: Sequence[float]) -> Fit:
+    """Fit R_bon(d) = d(α − βd) to gains over the initial policy at distances d."""
+    return _fit("bon", d, gain)
+
+
+def fit_rl(d: Sequence[float], gain: Sequence[float]) -> Fit:
+    """Fit R_rl(d) = d(α − β log d) to gains over the initial policy at distances d."""
+    return _fit("rl", d, gain)
+
+
+def _rank_weights(n_samples: int, n: int) -> np.ndarray:
+    """P(the best of n draws without replacement from N is the i-th smallest), i = 1..N:
+    C(i−1, n−1) / C(N, n)."""
+    from scipy.special import comb
+
+    i = np.arange(1, n_samples + 1)
+    return comb(i - 1, n - 1) / comb(n_samples, n)
+
+
+def bon_kl_sampled(n_samples: int, n: int) -> float:
+    """KL(best-of-n ‖ π) on N samples taken as π's support (uniform): best-of-n drawn *with*
+    replacement picks the i-th ranked sample with p_i = (i/N)^n − ((i−1)/N)^n, and KL = Σ p_i
+    log(N p_i). It approaches the analytic log n − (n−1)/n from below as N grows."""
+    i = np.arange(1, n_samples + 1)
+    p = (i / n_samples) ** n - ((i - 1) / n_samples) ** n
+    p = p[p > 0]
+    return float(np.sum(p * np.log(p * n_samples)))
+
+
+def best_of_n_curve(
+    proxy: Sequence[Sequence[float]], gold: Sequence[Sequence[float]], ns: Sequence[int]
+) -> list[dict[str, float]]:
+    """Gold and proxy of best-of-n (chosen by the proxy) for each n, averaged over prompts.
+
+    ``proxy[j]``/``gold[j]``: scores of prompt j's N samples from the initial policy. For each n
+    the expectation over all subsets of n of the N samples is exact (the unbiased estimator of
+    Nakano et al. 2021, appendix): the best of a subset by proxy is the i-th ranked sample with
+    probability C(i−1, n−1)/C(N, n). Returns rows {n, kl, kl_sampled, d, proxy, gold}; ``d`` uses
+    the analytic KL."""
+    rows = []
+    n_samples = min(len(p) for p in proxy)
+    for n in ns:
+        if not 1 <= n <= n_samples:
+            raise ValueError(f"n={n}: need 1 ≤ n ≤ {n_samples} samples per prompt")
+        w = _rank_weights(n_samples, n)
+        g_tot = p_tot = 0.0
+        for p_scores, g_scores in zip(proxy, gold, strict=True):
+            order = np.argsort(np.asarray(p_scores[:n_samples], dtype=float), kind="stable")
+            g_tot += float(np.dot(w, np.asarray(g_scores[:n_samples], dtype=float)[order]))
+            p_tot += float(np.dot(w, np.asarray(p_scores[:n_samples], dtype=float)[order]))
+        kl = bon_kl(n)
+        rows.append(
+            {
+                "n": n,
+                "kl": kl,
+                "kl_sampled": bon_kl_sampled(n_samples, n),
+                "d": math.sqrt(kl),
+                "proxy": p_tot / len(proxy),
+                "gold": g_tot / len(proxy),
+            }
+        )
+    return rows
