@@ -322,12 +322,15 @@ def _overopt(o: dict[str, Any] | None) -> str:
         ax.legend(fontsize=7)
     fig.tight_layout()
     rows = []
+    reach = {form: max((p["d"] for p in pts), default=0.0) for form, pts, _ in panels}
     for name, f in sorted(fits.items()):
-        peak = (
-            "none in range"
-            if f.get("peak_kl") is None
-            else f"KL {f['peak_kl']:.2f}, gain {f['peak_gain']:.3f}"
-        )
+        far = 2 * reach[name.split("_")[0]]  # beyond twice the measured distance: extrapolation
+        if f.get("peak_d") is None:
+            peak = "none (gain still rising)"
+        elif f["peak_d"] > far:
+            peak = f"beyond the measured range (d > {far:.1f})"
+        else:
+            peak = f"KL {f['peak_kl']:.2f}, gain {f['peak_gain']:.3f}"
         rows.append(
             f"<tr><th>{html.escape(name)}</th><td>{_fmt(f['alpha'])}</td><td>{_fmt(f['beta'])}</td>"
             f"<td>{_fmt(f['r2'])}</td><td>{html.escape(peak)}</td></tr>"
