@@ -5,7 +5,8 @@ After every update :class:`Monitor` looks at the rollouts and the logged metrics
 
 - ``reward_hacking``: the proxy (reward model) keeps rising while a held-out gold falls — the
   gold's mean over the last ``window`` updates is ``gold_drop`` below its best window and the
-  proxy is at least where it was then (needs a gold scorer: ``palate run`` passes its gold);
+  proxy has risen at least ``proxy_rise`` since then (needs a gold scorer: ``palate run``
+  passes its gold);
 - ``length_inflation``: mean response length over the last window is ``length_ratio`` × that of
   the first window;
 - ``kl_budget``: KL(π ‖ π_ref) per response above ``kl_budget``;
@@ -45,7 +46,13 @@ class MonitorSettings(Config):
     )
     window: int = Field(4, ge=1, description="Updates averaged for each trend.")
     gold_drop: float | None = Field(
-        0.2, gt=0, description="reward_hacking: gold this far below its best window, proxy not."
+        0.2, gt=0, description="reward_hacking: gold this far below its best window..."
+    )
+    proxy_rise: float = Field(
+        0.2,
+        ge=0,
+        description="...while the proxy rose at least this much since that window (so batch "
+        "noise with a flat proxy is not called hacking).",
     )
     length_ratio: float | None = Field(
         1.5, gt=1, description="length_inflation: last window's length / first window's."
@@ -185,7 +192,7 @@ class Monitor:
             best = max(range(len(windows)), key=lambda i: avg(windows[i], "gold"))
             g_best, g_now = avg(windows[best], "gold"), avg(last, "gold")
             p_best, p_now = avg(windows[best], "proxy"), avg(last, "proxy")
-            if g_now < g_best - s.gold_drop and p_now >= p_best:
+            if g_now < g_best - s.gold_drop and p_now >= p_best + s.proxy_rise:
                 alarm(
                     "reward_hacking",
                     f"gold {g_now:.2f} down from {g_best:.2f} while the proxy rose "

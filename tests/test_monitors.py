@@ -74,6 +74,11 @@ def test_reward_hacking_fires_when_gold_falls_while_proxy_rises() -> None:
     m = Monitor(MonitorSettings(), gold=lambda ps, rs: [next(golds)] * len(rs))
     names = run(m, trace)
     assert "reward_hacking" in names and [a.name for a in m.fired] == ["reward_hacking"]
+    # the leash-off quickstart's false alarm: gold noise while the proxy barely moved
+    golds3 = iter([1.0, 1.1, 1.2, 1.3, 1.3, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    flat = [(r, {**row, "objective/score": 0.01 * u}) for u, (r, row) in enumerate(healthy(12))]
+    m3 = Monitor(MonitorSettings(), gold=lambda ps, rs: [next(golds3)] * len(rs))
+    assert "reward_hacking" not in run(m3, flat)
     # the same gold decline with the proxy falling too is not hacking
     golds2 = iter([1.0, 1.1, 1.2, 1.3, 1.3, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     falling = [(r, {**row, "objective/score": -0.1 * u}) for u, (r, row) in enumerate(healthy(12))]
