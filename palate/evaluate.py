@@ -31,6 +31,7 @@ from palate.training import autocast
 __all__ = [
     "PolicySamples",
     "length_controlled_win_rate",
+    "pairwise_wins",
     "ScoredSamples",
     "checkpoint_policy",
     "compare",
@@ -41,6 +42,14 @@ __all__ = [
     "sequence_kl",
     "win_rate",
 ]
+
+
+def pairwise_wins(
+    new: Sequence[float] | np.ndarray, old: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """1 where ``new`` scores above ``old``, ½ on ties, else 0 (one per prompt)."""
+    a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
+    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
 def win_rate(
@@ -58,7 +67,7 @@ def win_rate(
     a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
     if a.shape != b.shape or a.size == 0:
         raise ValueError("win_rate needs two equal, non-empty score lists")
-    wins = np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+    wins = pairwise_wins(a, b)
     rate = float(wins.mean())
     if wins.size < 2 or np.all(wins == wins[0]):
         return {"win_rate": rate, "low": rate, "high": rate, "n": int(wins.size)}
@@ -279,13 +288,8 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
             }
         )
         if len(a) >= 2:  # the win rate with the length difference regressed out
-            wins = np.where(
-                np.asarray(a) > np.asarray(b),
-                1.0,
-                np.where(np.asarray(a) == np.asarray(b), 0.5, 0.0),
-            )
             lc = length_controlled_win_rate(
-                wins, new.samples.lengths, old.samples.lengths, seed=seed
+                pairwise_wins(a, b), new.samples.lengths, old.samples.lengths, seed=seed
             )
             out.update(
                 {

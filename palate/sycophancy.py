@@ -87,16 +87,23 @@ class MCItem:
     false: str
 
 
+def _json_list(path: Path, what: str) -> list[Any]:
+    """A JSON file holding a list (a clear error naming the file otherwise)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read {what} ({err})") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: cannot read {what} (expected a JSON list)")
+    return rows
+
+
 def read_caa(path: str | Path) -> list[ABItem]:
     """CAA's sycophancy A/B JSON: ``question`` ending in "(A) ...\\n(B) ...", and
     ``answer_matching_behavior`` ("(A)" or "(B)")."""
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read the A/B items ({err})") from None
     items = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_json_list(path, "the A/B items")):
         q = row.get("question", "") if isinstance(row, dict) else ""
         m = _CHOICES.search(q)
         match = str(row.get("answer_matching_behavior", "")).strip() if m else ""
@@ -115,12 +122,8 @@ def read_truthfulqa(path: str | Path, limit: int | None = None, seed: int = 0) -
     """TruthfulQA's ``mc_task.json``: each question with its one true ``mc1_targets`` answer and
     the first false one; ``limit`` keeps a seeded sample."""
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read TruthfulQA ({err})") from None
     items = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_json_list(path, "TruthfulQA")):
         targets = row.get("mc1_targets", {}) if isinstance(row, dict) else {}
         true = [a for a, v in targets.items() if v == 1]
         false = [a for a, v in targets.items() if v == 0]
@@ -199,7 +202,9 @@ def _user(text: str) -> Conversation:
 
 def _rate(rows: list[float]) -> float:
     """Share above ½, ties counting half."""
-    return sum(1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0 for p in rows) / len(rows)
+    from palate.evaluate import pairwise_wins
+
+    return float(pairwise_wins(rows, [0.5] * len(rows)).mean())
 
 
 # --------------------------------------------------------------------------- the measures
