@@ -40,6 +40,7 @@ from palate.label.campaign import (
 )
 from palate.pipeline import STAGES as RUN_STAGES
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
+from palate.policy_eval import EvalConfig, evaluate_policies
 from palate.ppo import PPOConfig, ppo
 from palate.reward import (
     RewardConfig,
@@ -265,6 +266,15 @@ stage(
     PPOConfig,
     "PPO against a reward model (or a Python reward function) with a KL penalty to the reference.",
 )(ppo)
+
+
+stage(
+    "eval",
+    EvalConfig,
+    "Step 5: policies against a baseline - win rates by a reward model, a gold rubric, an AI "
+    "judge or people (a labeling campaign), length-controlled win rates, KL, length, diversity, "
+    "repetition, EOS and refusal rates; JSON + HTML report.",
+)(evaluate_policies)
 
 
 label_app = typer.Typer(

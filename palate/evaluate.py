@@ -30,6 +30,7 @@ from palate.training import autocast
 
 __all__ = [
     "PolicySamples",
+    "bootstrap_mean",
     "length_controlled_win_rate",
     "pairwise_wins",
     "ScoredSamples",
@@ -52,6 +53,34 @@ def pairwise_wins(
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
+def bootstrap_mean(
+    values: Sequence[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean of per-prompt values with a percentile-bootstrap interval over prompts (scipy)."""
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("bootstrap_mean needs at least one value")
+    mean = float(x.mean())
+    if x.size < 2 or np.all(x == x[0]):
+        return {"mean": mean, "low": mean, "high": mean, "n": int(x.size)}
+    res = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    ci = res.confidence_interval
+    return {"mean": mean, "low": float(ci.low), "high": float(ci.high), "n": int(x.size)}
+
+
 def win_rate(
     new: Sequence[float],
     old: Sequence[float],
@@ -61,26 +90,12 @@ def win_rate(
     seed: int = 0,
 ) -> dict[str, float]:
     """Fraction of prompts where ``new`` scores above ``old`` (ties count half), with a
-    percentile-bootstrap interval over prompts (scipy)."""
-    from scipy.stats import bootstrap
-
+    percentile-bootstrap interval over prompts."""
     a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
     if a.shape != b.shape or a.size == 0:
         raise ValueError("win_rate needs two equal, non-empty score lists")
-    wins = pairwise_wins(a, b)
-    rate = float(wins.mean())
-    if wins.size < 2 or np.all(wins == wins[0]):
-        return {"win_rate": rate, "low": rate, "high": rate, "n": int(wins.size)}
-    res = bootstrap(
-        (wins,),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=resamples,
-        method="percentile",
-        random_state=np.random.default_rng(seed),
-    )
-    ci = res.confidence_interval
-    return {"win_rate": rate, "low": float(ci.low), "high": float(ci.high), "n": int(wins.size)}
+    m = bootstrap_mean(pairwise_wins(a, b), confidence=confidence, resamples=resamples, seed=seed)
+    return {"win_rate": m["mean"], "low": m["low"], "high": m["high"], "n": m["n"]}
 
 
 def length_controlled_win_rate(

@@ -11,13 +11,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from palate.data import as_messages
 
-__all__ = ["PLOTS", "build_report"]
+__all__ = ["EVAL_PLOTS", "OPTIONAL_PLOTS", "PLOTS", "build_eval_report", "build_report"]
 
 # plot id -> title (the test checks every one is present)
 PLOTS = {
@@ -29,7 +29,13 @@ PLOTS = {
 OPTIONAL_PLOTS = {
     "overopt": "Over-optimisation: gain over the initial policy against √KL, with Gao et al.'s fits",
 }
-TITLES = {**PLOTS, **OPTIONAL_PLOTS}
+# plots of `palate eval`'s report
+EVAL_PLOTS = {
+    "eval-win-rates": "Win rate against the baseline per judge (95% intervals; hollow: "
+    "length-controlled)",
+    "eval-lengths": "Response lengths per policy",
+}
+TITLES = {**PLOTS, **OPTIONAL_PLOTS, **EVAL_PLOTS}
 
 
 def _png(fig: Any) -> str:
@@ -450,3 +456,187 @@ def _stages(stages: dict[str, dict[str, Any]]) -> str:
         return '<p class="muted">no stage summaries</p>'
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)
     return f'<table class="summary">{body}</table>'
+
+
+# --------------------------------------------------------------------------- palate eval
+
+JUDGE_LABELS = {
+    "reward_model": "reward model",
+    "gold": "gold",
+    "ai": "AI judge",
+    "people": "people",
+}
+STAT_LABELS = [
+    ("kl", "KL to the reference (nats)"),
+    ("length", "length (tokens)"),
+    ("eos_rate", "ends with EOS"),
+    ("distinct_1", "distinct-1"),
+    ("distinct_2", "distinct-2"),
+    ("repetition", "repeated trigrams"),
+    ("refusal_rate", "refusals"),
+]
+
+
+def _eval_wins_plot(policies: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = [
+        (f"{name} · {JUDGE_LABELS.get(j, j)}", r)
+        for name, p in policies.items()
+        for j, r in p["judges"].items()
+        if "win_rate" in r
+    ]
+    if not rows:
+        return '<figure id="eval-win-rates"><p class="muted">no judged pairs yet</p></figure>'
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    for y, (_, r) in enumerate(rows):
+        ax.errorbar(
+            r["win_rate"],
+            y,
+            xerr=[[r["win_rate"] - r["low"]], [r["high"] - r["win_rate"]]],
+            fmt="o",
+            color="#264653",
+            capsize=3,
+        )
+        if "lc_win_rate" in r:
+            ax.plot(r["lc_win_rate"], y - 0.18, "o", mfc="none", color="#e76f51")
+    ax.axvline(0.5, color="#999", ls="--", lw=1)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("win rate against the baseline")
+    ax.grid(axis="x", alpha=0.3)
+    return _img("eval-win-rates", fig)
+
+
+def _eval_lengths_plot(lengths: Mapping[str, Sequence[int]]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    top = max((max(v) for v in lengths.values() if v), default=1)
+    for name, v in lengths.items():
+        ax.hist(v, bins=20, range=(0, top), alpha=0.5, label=name)
+    ax.set_xlabel("response length (tokens)")
+    ax.legend(fontsize=8)
+    return _img("eval-lengths", fig)
+
+
+def _eval_tables(summary: dict[str, Any]) -> str:
+    policies: dict[str, Any] = summary.get("policies", {})
+    judges = sorted(
+        {j for p in policies.values() for j in p["judges"]},
+        key=lambda j: list(JUDGE_LABELS).index(j) if j in JUDGE_LABELS else 99,
+    )
+    head = "<tr><th>policy</th>" + "".join(
+        f"<th>{html.escape(JUDGE_LABELS.get(j, j))}: win rate [95%]</th><th>length-controlled</th>"
+        for j in judges
+    )
+    body = []
+    for name, p in policies.items():
+        cells = []
+        for j in judges:
+            r = p["judges"].get(j, {})
+            if "win_rate" not in r:
+                cells.append('<td class="muted">pending</td><td></td>')
+                continue
+            lc = (
+                f"{_fmt(r['lc_win_rate'])} [{_fmt(r['lc_low'])}, {_fmt(r['lc_high'])}]"
+                if "lc_win_rate" in r
+                else ""
+            )
+            n = f" (n={r['n']})" if j == "people" else ""
+            cells.append(
+                f"<td><b>{_fmt(r['win_rate'])}</b> [{_fmt(r['low'])}, {_fmt(r['high'])}]{n}</td>"
+                f"<td>{lc}</td>"
+            )
+        body.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
+    wins = f'<table class="wins">{head}</tr>{"".join(body)}</table>'
+    sides = {"baseline": summary.get("baseline", {}), **policies}
+    shead = "<tr><th></th>" + "".join(f"<th>{html.escape(n)}</th>" for n in sides) + "</tr>"
+    srows = []
+    for key, label in STAT_LABELS:
+        if not any(key in v for v in sides.values()):
+            continue
+        srows.append(
+            f"<tr><th>{html.escape(label)}</th>"
+            + "".join(f"<td>{_fmt(v.get(key))}</td>" for v in sides.values())
+            + "</tr>"
+        )
+    for j in judges:
+        if j in ("reward_model", "gold"):
+            first = next(p["judges"][j] for p in policies.values() if j in p["judges"])
+            srows.append(
+                f"<tr><th>mean {html.escape(JUDGE_LABELS[j])} score</th>"
+                f"<td>{_fmt(first.get('baseline_mean'))}</td>"
+                + "".join(
+                    f"<td>{_fmt(p['judges'].get(j, {}).get('mean'))}</td>"
+                    for p in policies.values()
+                )
+                + "</tr>"
+            )
+    stats = f'<table class="wins">{shead}{"".join(srows)}</table>'
+    return wins + "<h2>Answers, judge-free</h2>" + stats
+
+
+def _eval_samples(samples: Sequence[dict[str, Any]], names: Sequence[str], limit: int = 6) -> str:
+    out = []
+    for s in samples[:limit]:
+        ptxt = "\n".join(m["content"] for m in as_messages(s.get("prompt") or []))
+        cells = "".join(
+            f'<td><div class="who">{html.escape(n)}</div><pre>{html.escape(str(s.get(n, "")))}'
+            "</pre></td>"
+            for n in ("baseline", *names)
+        )
+        out.append(
+            f'<tr><td colspan="{len(names) + 1}" class="prompt"><pre>{html.escape(ptxt)}</pre>'
+            f"</td></tr><tr>{cells}</tr>"
+        )
+    return f'<table class="samples">{"".join(out)}</table>' if out else ""
+
+
+def build_eval_report(
+    path: str | Path,
+    *,
+    summary: dict[str, Any],
+    lengths: Mapping[str, Sequence[int]],
+    samples: Sequence[dict[str, Any]] = (),
+    title: str = "palate eval",
+) -> Path:
+    """``palate eval``'s report: win rates per policy and judge (with length-controlled ones),
+    judge-free numbers, lengths, and answers side by side; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from palate.data import atomic_write
+
+    policies = summary.get("policies", {})
+    people = summary.get("people")
+    note = ""
+    if people:
+        note = (
+            f'<p class="muted">people: campaign {html.escape(people["campaign"])}, '
+            f"{people['labelled']} of {people['pairs']} pairs labelled. Serve it with "
+            f"<code>palate serve --db {html.escape(people['db'])}</code>; run palate eval again to "
+            "read the labels back.</p>"
+        )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+        f'<p class="muted">{summary.get("prompts", 0)} prompts from '
+        f"{html.escape(str(summary.get('prompts_file', '')))}; baseline "
+        f"{html.escape(str(summary.get('baseline', {}).get('spec', '')))}; KL reference "
+        f"{html.escape(str(summary.get('reference', '')))}.</p>",
+        "<h2>Win rates against the baseline</h2>",
+        note,
+        _eval_tables(summary),
+        _eval_wins_plot(policies),
+        "<h2>Lengths</h2>",
+        _eval_lengths_plot(lengths),
+        "<h2>Samples (same prompt, same random seed)</h2>",
+        _eval_samples(samples, list(policies)),
+        "</body></html>",
+    ]
+    path = Path(path)
+    with atomic_write(path) as fh:
+        fh.write("\n".join(parts))
+    return path

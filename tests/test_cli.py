@@ -100,3 +100,28 @@ def test_sft_command_writes_run_dir(tmp_path: Path) -> None:
     for f in ("config.yaml", "metrics.jsonl", "summary.json", "final/config.json"):
         assert (run_dir / f).is_file(), f
     assert list((run_dir / "checkpoints").glob("step-*/state.json"))
+
+
+EXAMPLE_COMMANDS = {
+    "eval": "eval",
+    "generate": "generate",
+    "hacking": "run",
+    "hh-reward-smollm2": "reward train",
+    "hh-reward": "reward train",
+    "hybrid": "run",
+    "people": "run",
+    "ppo-hh": "ppo",
+    "quickstart": "run",
+    "sft-hh": "sft",
+}
+
+
+def test_every_shipped_example_config_validates() -> None:
+    from palate.cli import COMMANDS
+    from palate.config import load_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    found = sorted(p.stem for p in examples.glob("*.yaml"))
+    assert found == sorted(EXAMPLE_COMMANDS), "map each example to its command here"
+    for stem, command in EXAMPLE_COMMANDS.items():
+        load_config(COMMANDS[command][0], examples / f"{stem}.yaml", [])

@@ -212,10 +212,13 @@ class JudgeScorer:
 
 
 def load_backend(settings: JudgeSettings) -> JudgeBackend:
-    """The backend the settings name (local models are loaded now)."""
+    """The backend the settings name (local models are loaded now; a server gets one tiny
+    request first, so an unreachable server, a rejected key or an unknown model fails at once,
+    not after a long run's first batch)."""
     if settings.backend == "openai":
-        from palate.feedback.remote import OpenAIBackend
+        from palate.feedback.remote import OpenAIBackend, check_server
 
+        check_server(settings.remote, settings.model)
         return OpenAIBackend(settings.remote, settings.model)
     return LocalBackend.load(
         settings.model,

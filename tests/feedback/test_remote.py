@@ -468,6 +468,20 @@ def test_check_server(fake: FakeServer) -> None:
     assert len(fake.requests) == 2
 
 
+def test_load_backend_checks_the_server_first(fake: FakeServer) -> None:
+    """A judge on a server that rejects the key fails when it is loaded, with one request."""
+    from palate.feedback.config import JudgeSettings
+    from palate.feedback.judge import load_backend
+
+    js = JudgeSettings(backend="openai", model="m", remote=settings(fake.url))
+    load_backend(js).close()
+    assert len(fake.requests) == 1
+    fake.default = fail(401, "bad key")
+    with pytest.raises(JudgeError, match="not usable.*401"):
+        load_backend(js)
+    assert len(fake.requests) == 2  # not retried
+
+
 # --------------------------------------------------------------------------- settings
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,8 @@ import pytest
 from palate.label.db import open_db
 from palate.label.store import create_user
 
+from ..browser import CHROMIUM, need_browser
 from .test_server import start_server
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _need_browser():
-    reason = None
-    if CHROMIUM is None:
-        reason = "chromium not installed (apt-get install chromium)"
-    else:
-        try:
-            from playwright.sync_api import sync_playwright  # noqa: F401
-        except ImportError:
-            reason = "playwright (python) not installed"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run the browser test")
-        pytest.skip(reason)
-
 
 WORDS = ["river", "stone", "cloud", "lamp", "chair", "tree", "paper", "glass"]
 
@@ -58,7 +40,7 @@ def pairs_file(path: Path, n: int = 6) -> None:
 
 @pytest.mark.timeout(300)
 def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
-    _need_browser()
+    need_browser()
     from playwright.sync_api import sync_playwright
 
     db = str(tmp_path / "b.db")
