@@ -18,10 +18,46 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import Field, model_validator
 
-__all__ = ["Fit", "best_of_n_curve", "bon_kl", "bon_kl_sampled", "fit_bon", "fit_rl"]
+from palate.config import Config
+
+if TYPE_CHECKING:
+    from palate.data import Prompt
+    from palate.reward.model import ScoreFn
+    from palate.sampling import SamplingConfig
+
+__all__ = [
+    "Fit",
+    "OveroptSettings",
+    "best_of_n_curve",
+    "bon_kl",
+    "bon_kl_sampled",
+    "fit_bon",
+    "fit_rl",
+    "study",
+]
+
+
+class OveroptSettings(Config):
+    """Over-optimisation study (``palate/overopt.py``): best-of-n on the initial policy's
+    samples and PPO's checkpoints, gold and proxy against √KL, with Gao et al.'s fits."""
+
+    prompts: int = Field(16, ge=1, description="Held-out prompts sampled for best-of-n.")
+    samples: int = Field(64, ge=2, description="Samples per prompt (N ≥ the largest n).")
+    ns: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
+        description="The n of best-of-n (1 is the initial policy itself).",
+    )
+
+    @model_validator(mode="after")
+    def _ns(self) -> OveroptSettings:
+        if 1 not in self.ns or max(self.ns) > self.samples or min(self.ns) < 1:
+            raise ValueError("overopt.ns must include 1 and lie within 1..overopt.samples")
+        return self
 
 
 def bon_kl(n: int) -> float:
@@ -149,3 +185,85 @@ def best_of_n_curve(
             }
         )
     return rows
+
+
+def study(
+    initial: Any,
+    tok: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    gold: ScoreFn,
+    proxy: ScoreFn,
+    points: Sequence[dict[str, Any]],
+    *,
+    samples: int = 64,
+    ns: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+    seed: int = 1,
+    batch_size: int = 16,
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """The over-optimisation study: best-of-n (chosen by ``proxy``) on ``samples`` answers of
+    the initial policy per prompt, and ``points`` — policies optimised further ({kl, gold,
+    proxy}, the first being the initial policy at KL 0) — as gold and proxy gains against
+    d = √KL, each fitted with Gao et al.'s form. Returns {bon, rl, fits, bon_gold_best_n,
+    prompts, samples}."""
+    import torch
+
+    from palate.progress import progress_bar
+    from palate.sampling import generate_responses
+
+    each = [p for p in prompts for _ in range(samples)]
+    torch.manual_seed(seed)
+    with progress_bar("best-of-n samples", total=len(each)) as bar:
+        gens = generate_responses(
+            initial,
+            tok,
+            each,
+            sampling,
+            batch_size=batch_size,
+            precision=precision,
+            on_batch=bar.advance,
+        )
+    texts = [g.text for g in gens]
+    p_scores = [float(x) for x in proxy(each, texts)]
+    g_scores = [float(x) for x in gold(each, texts)]
+    rows = best_of_n_curve(
+        [p_scores[i : i + samples] for i in range(0, len(each), samples)],
+        [g_scores[i : i + samples] for i in range(0, len(each), samples)],
+        sorted(ns),
+    )
+    base = rows[0]
+    for r in rows:
+        r["gold_gain"], r["proxy_gain"] = r["gold"] - base["gold"], r["proxy"] - base["proxy"]
+    start = points[0]
+    rl = [
+        {
+            **{k: p[k] for k in ("update", "name") if k in p},
+            "kl": p["kl"],
+            "d": max(p["kl"], 0.0) ** 0.5,
+            "gold_gain": p["gold"] - start["gold"],
+            "proxy_gain": p["proxy"] - start["proxy"],
+        }
+        for p in points
+    ]
+
+    def fitted(f: Fit) -> dict[str, Any]:
+        keys = ("alpha", "beta", "r2", "peak_d", "peak_kl", "peak_gain")
+        return {k: getattr(f, k) for k in keys}
+
+    fits: dict[str, Any] = {}
+    for key in ("gold", "proxy"):
+        fits[f"bon_{key}"] = fitted(
+            fit_bon([r["d"] for r in rows], [r[f"{key}_gain"] for r in rows])
+        )
+        if sum(r["d"] > 0 for r in rl) >= 2:
+            fits[f"rl_{key}"] = fitted(fit_rl([r["d"] for r in rl], [r[f"{key}_gain"] for r in rl]))
+    best = max(rows, key=lambda r: r["gold"])
+    return {
+        "bon": rows,
+        "rl": rl,
+        "fits": fits,
+        "bon_gold_best_n": best["n"],
+        "prompts": len(prompts),
+        "samples": samples,
+    }

@@ -44,6 +44,7 @@ from palate.evaluate import (
 )
 from palate.feedback.config import JudgeSettings
 from palate.monitors import distinct_n, repeated_trigrams
+from palate.overopt import OveroptSettings
 from palate.progress import progress_bar
 from palate.rundir import RunDir
 from palate.safety import is_refusal
@@ -114,6 +115,12 @@ class EvalConfig(Config):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16 autocast where supported (auto) or fp32."
     )
+    overopt: OveroptSettings | None = Field(
+        None,
+        description="Over-optimisation study: best-of-n on the baseline and the policies, gold "
+        "and reward-model gains against √KL with Gao et al.'s fits (needs judges.reward_model "
+        "and judges.gold; the KL reference is the baseline). e.g. overopt: {}; null: skip.",
+    )
 
     @field_validator("policies")
     @classmethod
@@ -131,6 +138,11 @@ class EvalConfig(Config):
     def _judged(self) -> EvalConfig:
         if not any(getattr(self.judges, k) is not None for k in Judges.model_fields):
             raise ValueError("judges: name at least one (reward_model, gold, ai or people)")
+        if self.overopt is not None:
+            if self.judges.reward_model is None or self.judges.gold is None:
+                raise ValueError("overopt needs judges.reward_model (the proxy) and judges.gold")
+            if self.reference not in (None, self.baseline):
+                raise ValueError("overopt: the KL reference must be the baseline")
         return self
 
 
@@ -365,6 +377,53 @@ def people_campaign(
     return name, probs, progress
 
 
+# --------------------------------------------------------------------------- over-optimisation
+
+
+def overopt_study(
+    cfg: EvalConfig,
+    prompts: list[Prompt],
+    scores: dict[str, dict[str, list[float]]],
+    kls: dict[str, list[float] | None],
+    score_fns: dict[str, Any],
+) -> dict[str, Any]:
+    """Best-of-n on the baseline, and every policy as one point of the optimisation curve
+    (its KL to the baseline; gold and reward-model means), fitted with Gao et al.'s forms."""
+    from palate.overopt import study
+
+    assert cfg.overopt is not None
+    means = {
+        side: (float(np.mean(scores["gold"][side])), float(np.mean(scores["reward_model"][side])))
+        for side in scores["gold"]
+    }
+    points: list[dict[str, Any]] = [
+        {"name": "baseline", "kl": 0.0, "gold": means["baseline"][0], "proxy": means["baseline"][1]}
+    ]
+    for n in sorted(
+        (n for n in kls if kls[n] is not None), key=lambda n: float(np.mean(kls[n] or [0]))
+    ):
+        kl = float(np.mean(kls[n] or [0]))
+        points.append({"name": n, "kl": kl, "gold": means[n][0], "proxy": means[n][1]})
+    precision = _precision(cfg)
+    model, tok = load_policy(cfg.baseline, precision)
+    out = study(
+        model,
+        tok,
+        prompts[: cfg.overopt.prompts],
+        cfg.sampling,
+        score_fns["gold"],
+        score_fns["reward_model"],
+        points,
+        samples=cfg.overopt.samples,
+        ns=cfg.overopt.ns,
+        seed=cfg.seed + 1,
+        batch_size=cfg.batch_size,
+        precision=precision,
+    )
+    out["rl_title"] = "the policies (KL to the baseline)"
+    return out
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -489,6 +548,8 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
         summary["policies"][name] = row
     if people_progress is not None:
         summary["people"] = people_progress
+    if cfg.overopt is not None:
+        summary["overopt"] = overopt_study(cfg, prompts, scores, kls, score_fns)
 
     write_jsonl(
         run.path / "samples.jsonl",

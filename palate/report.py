@@ -293,7 +293,7 @@ def _overopt(o: dict[str, Any] | None) -> str:
     fits = o.get("fits", {})
     panels = (
         ("bon", o.get("bon", []), "best-of-n (initial policy, chosen by the proxy)"),
-        ("rl", o.get("rl", []), "PPO checkpoints"),
+        ("rl", o.get("rl", []), o.get("rl_title", "PPO checkpoints")),
     )
     for ax, (form, pts, title) in zip(axes, panels, strict=True):
         for key, color in (("gold", "#2a9d8f"), ("proxy", "#e76f51")):
@@ -630,6 +630,7 @@ def build_eval_report(
         note,
         _eval_tables(summary),
         _eval_wins_plot(policies),
+        _overopt(summary.get("overopt")),
         "<h2>Lengths</h2>",
         _eval_lengths_plot(lengths),
         "<h2>Samples (same prompt, same random seed)</h2>",

@@ -231,3 +231,36 @@ def test_eval_with_the_ai_judge(tmp_path: Path, hh_file: Path, models: dict[str,
     wins = np.where(probs > 0.5, 1.0, np.where(probs == 0.5, 0.5, 0.0))
     assert res["win_rate"] == pytest.approx(wins.mean())
     assert res["n"] == 4
+
+
+def test_eval_overopt_study(tmp_path: Path, hh_file: Path, models: dict[str, Path]) -> None:
+    """Best-of-n on the baseline and each policy as a point at its own KL, in the summary and
+    the report; overopt without a proxy and a gold is a config error."""
+    from palate.overopt import bon_kl
+
+    base = {
+        "output_dir": str(tmp_path / "eval"),
+        "prompts": str(hh_file),
+        "max_prompts": 4,
+        "baseline": "tiny",
+        "policies": {"other": str(models["other"])},
+        "sampling": {"max_new_tokens": 8},
+        "overopt": {"prompts": 2, "samples": 4, "ns": [1, 2, 4]},
+    }
+    with pytest.raises(ValueError, match="overopt needs"):
+        EvalConfig.model_validate({**base, "judges": {"gold": {}}})
+    cfg = EvalConfig.model_validate(
+        {**base, "judges": {"gold": {}, "reward_model": str(models["rm"])}}
+    )
+    s = evaluate_policies(cfg)
+    o = s["overopt"]
+    assert [r["n"] for r in o["bon"]] == [1, 2, 4]
+    assert [r["kl"] for r in o["bon"]] == [pytest.approx(bon_kl(n)) for n in (1, 2, 4)]
+    assert o["bon"][0]["gold_gain"] == 0 and o["bon"][0]["proxy_gain"] == 0
+    assert [p["name"] for p in o["rl"]] == ["baseline", "other"]
+    assert o["rl"][1]["kl"] == pytest.approx(s["policies"]["other"]["kl"])
+    gold = s["policies"]["other"]["judges"]["gold"]
+    assert o["rl"][1]["gold_gain"] == pytest.approx(gold["mean"] - gold["baseline_mean"])
+    assert "bon_gold" in o["fits"] and o["prompts"] == 2 and o["samples"] == 4
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert '<figure id="overopt"><img' in page and o["rl_title"].startswith("the policies")

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from palate.config import Config
 from palate.feedback.config import JudgeSettings
 from palate.label.people import PeopleSettings
+from palate.overopt import OveroptSettings
 from palate.ppo.config import PPORecipe, RewardShaping
 from palate.reward.config import RewardRecipe
 from palate.sampling import SamplingConfig
@@ -186,24 +187,6 @@ class SycophancySettings(Config):
     feedback_items: int = Field(
         50, ge=1, description="Questions whose true and false answers the model rates (feedback)."
     )
-
-
-class OveroptSettings(Config):
-    """Over-optimisation study (``palate/overopt.py``): best-of-n on the initial policy's
-    samples and PPO's checkpoints, gold and proxy against √KL, with Gao et al.'s fits."""
-
-    prompts: int = Field(16, ge=1, description="Held-out prompts sampled for best-of-n.")
-    samples: int = Field(64, ge=2, description="Samples per prompt (N ≥ the largest n).")
-    ns: list[int] = Field(
-        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64],
-        description="The n of best-of-n (1 is the initial policy itself).",
-    )
-
-    @model_validator(mode="after")
-    def _ns(self) -> OveroptSettings:
-        if 1 not in self.ns or max(self.ns) > self.samples or min(self.ns) < 1:
-            raise ValueError("overopt.ns must include 1 and lie within 1..overopt.samples")
-        return self
 
 
 class EvalSettings(Config):

@@ -429,73 +429,26 @@ def study_overopt(
     proxy: Any,
     points: list[dict[str, Any]],
 ) -> dict[str, Any] | None:
-    """``eval.overopt``: best-of-n (chosen by the proxy) on the initial policy's samples and the
-    PPO checkpoints, gold and proxy gains against d = √KL, fitted with Gao et al.'s forms."""
-    import torch
-
-    from palate.overopt import best_of_n_curve, fit_bon, fit_rl
-    from palate.sampling import generate_responses
+    """``eval.overopt``: best-of-n on the initial policy and the PPO checkpoints, against √KL."""
+    from palate.overopt import study
 
     cfg = run.cfg.eval.overopt
     if cfg is None:
         return None
-    ps = prompts[: cfg.prompts]
-    each = [p for p in ps for _ in range(cfg.samples)]
-    torch.manual_seed(run.cfg.eval.seed + 1)
-    with progress_bar("best-of-n samples", total=len(each)) as bar:
-        gens = generate_responses(
-            initial,
-            tok,
-            each,
-            sampling,
-            batch_size=run.cfg.eval.batch_size,
-            precision=run.precision(),
-            on_batch=bar.advance,
-        )
-    texts = [g.text for g in gens]
-    p_scores = [float(x) for x in proxy(each, texts)]
-    g_scores = [float(x) for x in gold(each, texts)]
-    n = cfg.samples
-    rows = best_of_n_curve(
-        [p_scores[i : i + n] for i in range(0, len(each), n)],
-        [g_scores[i : i + n] for i in range(0, len(each), n)],
-        sorted(cfg.ns),
+    return study(
+        initial,
+        tok,
+        prompts[: cfg.prompts],
+        sampling,
+        gold,
+        proxy,
+        points,
+        samples=cfg.samples,
+        ns=cfg.ns,
+        seed=run.cfg.eval.seed + 1,
+        batch_size=run.cfg.eval.batch_size,
+        precision=run.precision(),
     )
-    base = rows[0]
-    for r in rows:
-        r["gold_gain"], r["proxy_gain"] = r["gold"] - base["gold"], r["proxy"] - base["proxy"]
-    start = points[0]
-    rl = [
-        {
-            "update": p["update"],
-            "kl": p["kl"],
-            "d": max(p["kl"], 0.0) ** 0.5,
-            "gold_gain": p["gold"] - start["gold"],
-            "proxy_gain": p["proxy"] - start["proxy"],
-        }
-        for p in points
-    ]
-
-    def fitted(f: Any) -> dict[str, Any]:
-        keys = ("alpha", "beta", "r2", "peak_d", "peak_kl", "peak_gain")
-        return {k: getattr(f, k) for k in keys}
-
-    fits: dict[str, Any] = {}
-    for key in ("gold", "proxy"):
-        fits[f"bon_{key}"] = fitted(
-            fit_bon([r["d"] for r in rows], [r[f"{key}_gain"] for r in rows])
-        )
-        if sum(r["d"] > 0 for r in rl) >= 2:
-            fits[f"rl_{key}"] = fitted(fit_rl([r["d"] for r in rl], [r[f"{key}_gain"] for r in rl]))
-    best = max(rows, key=lambda r: r["gold"])
-    return {
-        "bon": rows,
-        "rl": rl,
-        "fits": fits,
-        "bon_gold_best_n": best["n"],
-        "prompts": len(ps),
-        "samples": n,
-    }
 
 
 def stage_report(run: Run) -> dict[str, Any]:
