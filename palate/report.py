@@ -238,12 +238,14 @@ def build_report(
     samples: Sequence[dict[str, Any]] = (),
     notes: str = "",
     alarms: Sequence[dict[str, Any]] = (),
+    rounds: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write the report to ``path`` (atomically) and return it.
 
     ``checkpoints``: held-out evaluations along PPO ({update, kl, gold, proxy});
     ``rollouts``: gold and proxy means of PPO's own rollouts per update ({update, gold, proxy});
-    ``stages``: each stage's summary (labels agreement, reward accuracy, PPO speed).
+    ``stages``: each stage's summary (labels agreement, reward accuracy, PPO speed);
+    ``rounds``: one row per RLHF round when there are several (see ``_rounds``).
     """
     import matplotlib
 
@@ -260,6 +262,7 @@ def build_report(
         _xstest(summary.get("xstest")),
         _sycophancy(summary.get("sycophancy")),
         _overopt(summary.get("overopt")),
+        _rounds(rounds),
         "<h2>Training</h2>",
         _alarms(alarms),
         _curves(ppo_metrics),
@@ -350,6 +353,39 @@ def _overopt(o: dict[str, Any] | None) -> str:
         '<p class="muted">Best-of-n: R(d) = d(α − βd), KL = log n − (n−1)/n; PPO: '
         "R(d) = d(α − β log d) (Gao et al. 2022). The gold peak (dotted) is where more "
         "optimisation against the proxy starts to hurt.</p>" + _img("overopt", fig) + table
+    )
+
+
+def _rounds(rounds: Sequence[dict[str, Any]]) -> str:
+    """Iterated RLHF: labels, the last reward model's staleness, gold and proxy per round."""
+    if not rounds:
+        return ""
+    head = (
+        "<tr><th>round</th><th>new labels</th><th>labels so far</th><th>pairs chosen by</th>"
+        "<th>last RM on the new labels (all / random share)</th><th>new RM held-out accuracy"
+        "</th><th>PPO updates so far</th><th>gold</th><th>proxy</th><th>KL</th></tr>"
+    )
+    body = []
+    for r in rounds:
+        stale = (
+            f"{_fmt(r.get('stale_accuracy'))} / {_fmt(r.get('stale_accuracy_random'))}"
+            if r.get("round")
+            else ""
+        )
+        body.append(
+            f"<tr><td>{r['round']}</td><td>{_fmt(r.get('comparisons'))}</td>"
+            f"<td>{_fmt(r.get('comparisons_total'))}</td><td>{_fmt(r.get('select'))}</td>"
+            f"<td>{stale}</td><td>{_fmt(r.get('reward_accuracy'))}</td>"
+            f"<td>{_fmt(r.get('updates'))}</td><td>{_fmt(r.get('gold'))}</td>"
+            f"<td>{_fmt(r.get('proxy'))}</td><td>{_fmt(r.get('kl'))}</td></tr>"
+        )
+    return (
+        '<h2 id="rounds">Rounds</h2><p class="muted">Each round labels the newest policy\'s '
+        "answers, retrains the reward model on every label so far and continues PPO. The last "
+        "reward model's accuracy on the new labels, before retraining, says how stale it had "
+        "become (the random share is the unbiased number). Gold and proxy: held-out means at "
+        "the round's last checkpoint.</p>"
+        f'<table class="wins">{head}{"".join(body)}</table>'
     )
 
 

@@ -12,6 +12,7 @@ from palate.config import load_config
 from palate.data import write_jsonl
 from palate.errors import ConfigError
 from palate.ppo import PPOConfig, PPOTrainer, ppo
+from palate.rundir import RunDir
 from palate.sft import SFTConfig, sft
 
 from .test_sft import demos
@@ -302,3 +303,37 @@ def test_reference_defaults_adam_eps_and_missing_eos_penalty(tmp_path: Path, sft
     assert trainer.optimizer.param_groups[0]["eps"] == 1e-5
     shaped = trainer._shape_scores(torch.tensor([2.0, 2.0]), torch.tensor([True, False]))
     torch.testing.assert_close(shaped, torch.tensor([2.0, 1.0]))
+
+
+def test_init_adapter_continues_a_previous_run_against_the_same_reference(
+    tmp_path: Path, sft_policy
+) -> None:
+    """Round 2 of iterated RLHF: PPO starts from round 1's adapter (trainable), while the
+    reference stays the base model (adapters off), so the first rollout's KL is already > 0."""
+    from safetensors.torch import load_file
+
+    first = make_cfg(tmp_path / "a", sft_policy, "finetune=lora", "ppo.updates=1")
+    trainer = PPOTrainer(first, score_fn=bright)
+    with torch.no_grad():  # adapters that do something (B starts at zero)
+        for name, p in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trainer.checkpoint()
+    adapter = RunDir(tmp_path / "a" / "run").latest_checkpoint() / "policy"
+    saved = load_file(adapter / "adapter_model.safetensors")
+
+    cont = make_cfg(tmp_path / "b", sft_policy, "finetune=lora", f"init_adapter={adapter}")
+    second = PPOTrainer(cont, score_fn=bright)
+    lora = {n: p for n, p in second.policy.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())  # trainable
+    for name, p in lora.items():  # the same weights as saved
+        key = name.replace(".default", "")
+        assert torch.equal(p.detach().cpu(), saved[key].to(p.dtype)), name
+    row, _ = second.step(second.prompts[:16])
+    assert row["objective/kl"] > 1e-3  # off the reference from the start
+
+    with pytest.raises(ConfigError, match="init_adapter needs finetune: lora"):
+        make_cfg(tmp_path / "c", sft_policy, f"init_adapter={adapter}")
+    bad = make_cfg(tmp_path / "d", sft_policy, "finetune=lora", f"init_adapter={tmp_path}")
+    with pytest.raises(ConfigError, match="no LoRA adapter"):
+        PPOTrainer(bad, score_fn=bright)

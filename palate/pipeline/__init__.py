@@ -15,6 +15,10 @@
   PPO checkpoints and rollouts (:mod:`palate.evaluate`).
 * **report**: one self-contained HTML file (:mod:`palate.report`).
 
+With ``rounds: K`` (iterated online RLHF) stages ``round-1`` … ``round-(K-1)`` run between ppo
+and eval, each repeating pairs → labels → reward → ppo on the newest policy
+(:func:`palate.pipeline.stages.stage_round`).
+
 Each stage writes into its own folder of ``output_dir`` and is done when that folder holds
 ``summary.json``. A re-run skips finished stages, continues an interrupted one (PPO from its
 newest checkpoint) and re-runs a stage whose settings — or an upstream stage's — changed since it
@@ -34,7 +38,7 @@ from palate.config import config_to_yaml
 from palate.errors import ConfigError
 from palate.pipeline.config import RunConfig
 from palate.pipeline.run import STAGES, Run, WaitingForLabels
-from palate.pipeline.stages import STAGE_FNS
+from palate.pipeline.stages import STAGE_FNS, stage_round
 from palate.progress import console
 from palate.rundir import RunDir
 
@@ -43,14 +47,14 @@ __all__ = ["STAGES", "RunConfig", "WaitingForLabels", "run_pipeline"]
 
 def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None) -> dict[str, Any]:
     """``palate run``: run every stage that is not done yet; returns the run summary."""
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
+    run = Run(cfg)
     if from_stage == "sft" and cfg.sft is None:
         raise ConfigError("--from sft: this config has no sft section")
-    run = Run(cfg)
+    if from_stage is not None and from_stage not in run.stages:
+        raise ConfigError(f"--from {from_stage!r}: expected one of {', '.join(run.stages)}")
     run.prepare_prompts()  # reads and checks the prompts before anything is written
     (run.root / "config.yaml").write_text(config_to_yaml(cfg))
-    stages = [s for s in STAGES if s in run.fingerprints]
+    stages = run.stages
     forced = set(stages[stages.index(from_stage) :]) if from_stage else set()
     minutes: dict[str, float] = {}
     t_run = time.perf_counter()
@@ -68,7 +72,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None) -> dict[str, 
             run.clear(stage)
         run.begin(stage)
         t0 = time.perf_counter()
-        result = STAGE_FNS[stage](run)
+        result = STAGE_FNS[stage](run) if stage in STAGE_FNS else stage_round(run, stage)
         if "stopped_at" in result:  # a library stage stopped early (stop_after)
             return {"status": "stopped", "stage": stage, **result}
         minutes[stage] = (time.perf_counter() - t0) / 60
@@ -78,7 +82,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None) -> dict[str, 
 
 def _summary(run: Run, minutes: dict[str, float], seconds: float) -> dict[str, Any]:
     evaluation = RunDir(run.dir("eval")).read_summary()
-    reward = RunDir(run.dir("reward")).read_summary()
+    reward = RunDir(run.round_dir(run.last_round, "reward")).read_summary()
     ppo = RunDir(run.dir("ppo")).read_summary()
     labels = RunDir(run.dir("labels")).read_summary()
     keys = (
@@ -104,11 +108,17 @@ def _summary(run: Run, minutes: dict[str, float], seconds: float) -> dict[str, A
             "labels": labels.get("comparisons"),
             "label_agreement": labels.get("pairwise_agreement"),
             "reward_accuracy": reward.get("eval_accuracy"),
-            "ppo_updates": ppo.get("updates"),
+            "ppo_updates": (ppo.get("updates") or 0) * run.cfg.rounds,
             "report": str(run.dir("report") / "report.html"),
             "minutes": round(seconds / 60, 2),
             "stage_minutes": {k: round(v, 2) for k, v in minutes.items()},
         }
     )
+    if run.cfg.rounds > 1:
+        summary["rounds"] = run.cfg.rounds
+        summary["labels"] = sum(
+            RunDir(run.round_dir(k, "labels")).read_summary().get("comparisons", 0)
+            for k in range(run.cfg.rounds)
+        )
     RunDir(run.root).write_summary(summary)
     return summary

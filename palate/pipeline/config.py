@@ -8,7 +8,7 @@ supplies.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -95,6 +95,28 @@ class PairSettings(Config):
         description="How the responses are sampled.",
     )
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    budget: int | None = Field(
+        None,
+        ge=1,
+        description="Comparisons labelled per round (null: every pair). When there are more "
+        "candidate pairs, `select` chooses which.",
+    )
+    select: Literal["random", "uncertainty", "disagreement"] = Field(
+        "random",
+        description="Which pairs fill the budget (palate/active.py): random; uncertainty (the "
+        "last reward model's P(a ≻ b) nearest ½); disagreement (the spread of an ensemble's "
+        "members, needs reward.ensemble ≥ 2). The first round has no reward model yet: random.",
+    )
+    random_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Share of each budget drawn at random before `select` chooses the rest "
+        "(an unbiased sample: it also measures how stale the last reward model is).",
+    )
+
+    # fields whose default leaves the pairs exactly as before they existed (fingerprints)
+    SELECTION: ClassVar[tuple[str, ...]] = ("budget", "select", "random_share")
 
 
 class RaterSettings(Config):
@@ -249,3 +271,24 @@ class RunConfig(Config):
     reward: RunReward = Field(default_factory=RunReward, description="Reward model stage.")
     ppo: RunPPO = Field(default_factory=RunPPO, description="PPO stage.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation stage.")
+    rounds: int = Field(
+        1,
+        ge=1,
+        description="Rounds of RLHF (iterated online RLHF, as InstructGPT and Anthropic's HH "
+        "work): after PPO, the newest policy answers fresh training prompts, pairs are chosen "
+        "(pairs.budget, pairs.select) and labelled by the same raters, the reward model is "
+        "retrained on every label so far, and PPO continues from the newest policy for "
+        "ppo.ppo.updates more updates; the KL reference stays the initial policy. Needs "
+        "ppo.finetune lora.",
+    )
+
+    @model_validator(mode="after")
+    def _rounds(self) -> RunConfig:
+        if self.pairs.select == "disagreement" and self.reward.ensemble < 2:
+            raise ValueError("pairs.select disagreement needs reward.ensemble ≥ 2")
+        if self.rounds > 1:
+            if self.ppo.finetune != "lora":
+                raise ValueError("rounds > 1 needs ppo.finetune lora (PPO continues the adapter)")
+            if self.raters.kind == "file":
+                raise ValueError("rounds > 1 needs raters who can label new pairs, not a file")
+        return self

@@ -40,10 +40,14 @@ class Run:
         self.cfg = cfg
         self.root = Path(cfg.output_dir)
         self.fingerprints: dict[str, str] = {}
+        # the stages in order: round 0 is pairs → labels → reward → ppo; later rounds are one
+        # stage each (round-1, ...) between ppo and eval
+        later = [f"round-{r}" for r in range(1, cfg.rounds)]
+        self.stages = [s for s in STAGES if s != "sft" or cfg.sft is not None]
+        i = self.stages.index("eval")
+        self.stages[i:i] = later
         prev = ""
-        for stage in STAGES:
-            if stage == "sft" and cfg.sft is None:
-                continue
+        for stage in self.stages:
             blob = json.dumps(
                 {"stage": stage, "settings": self._settings(stage), "up": prev},
                 sort_keys=True,
@@ -55,12 +59,24 @@ class Run:
         c = self.cfg
         if stage == "sft":
             return {"model": c.model, "sft": _dump(c.sft)}
+        pairs = _dump(c.pairs)
+        for k in c.pairs.SELECTION:  # at their defaults they change nothing
+            if (
+                k not in c.pairs.model_fields_set
+                or pairs[k] == type(c.pairs).model_fields[k].default
+            ):
+                pairs.pop(k)
         if stage == "pairs":
+            return {"model": c.model, "seed": c.seed, "prompts": _dump(c.prompts), "pairs": pairs}
+        if stage.startswith("round-"):
+            # a round repeats pairs → labels → reward → PPO with the same settings
             return {
-                "model": c.model,
-                "seed": c.seed,
-                "prompts": _dump(c.prompts),
+                "round": self.round_no(stage),
                 "pairs": _dump(c.pairs),
+                "raters": _dump(c.raters),
+                "gold": _dump(c.gold),
+                "reward": _dump(c.reward),
+                "ppo": _dump(c.ppo),
             }
         if stage == "labels":
             r = _dump(c.raters)
@@ -79,6 +95,25 @@ class Run:
     def dir(self, stage: str) -> Path:
         """The stage's folder (``RUN/<stage>``)."""
         return self.root / stage
+
+    # ---------------------------------------------------------------- rounds
+
+    @staticmethod
+    def round_no(stage: str) -> int:
+        return int(stage.split("-", 1)[1])
+
+    def round_dir(self, r: int, step: str) -> Path:
+        """Round r's folder for ``step`` (pairs, labels, reward, ppo): round 0 is the run's own
+        stage folders, round r ≥ 1 ``RUN/round-r/<step>``."""
+        return self.dir(step) if r == 0 else self.dir(f"round-{r}") / step
+
+    @property
+    def last_round(self) -> int:
+        return self.cfg.rounds - 1
+
+    def ppo_dirs(self) -> list[Path]:
+        """Every round's PPO folder, in order (the last one holds the final policy)."""
+        return [self.round_dir(r, "ppo") for r in range(self.cfg.rounds)]
 
     @property
     def policy(self) -> str:

@@ -3,6 +3,7 @@ calls the library stage it names and returns its summary."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from palate.data import Prompt, prompt_json, prompt_text, read_jsonl, read_recor
 from palate.errors import DataError
 from palate.pipeline.run import STAGES, Run, WaitingForLabels
 from palate.ppo import PPOConfig, RewardSource
-from palate.progress import progress_bar
+from palate.progress import console, progress_bar
 from palate.reward import RewardConfig
 from palate.rundir import RunDir
 from palate.sft import SFTConfig
@@ -43,20 +44,36 @@ def stage_sft(run: Run) -> dict[str, Any]:
     return sft(SFTConfig.model_validate(data))
 
 
-def stage_pairs(run: Run) -> dict[str, Any]:
+def round_policy(run: Run, r: int) -> str:
+    """The policy that answers round r's prompts: the initial one, then each round's newest."""
+    return run.policy if r == 0 else str(run.round_dir(r - 1, "ppo") / "final")
+
+
+def stage_pairs(run: Run, r: int = 0) -> dict[str, Any]:
+    """Round r's pairs: the round's policy answers its slice of the training prompts k times;
+    with ``pairs.budget`` the pairs to label are chosen (``pairs.select``: the previous round's
+    reward model scores the candidates; round 0 has none and draws at random)."""
     import torch
 
+    from palate.active import select_pairs
     from palate.evaluate import load_sampler
     from palate.label.campaign import sample_pairs
 
     cfg = run.cfg.pairs
-    prompts = read_prompts(run.root / "prompts" / "train.jsonl")[: cfg.prompts]
-    criteria = read_criteria(run.root / "prompts" / "train.jsonl")[: cfg.prompts]
+    train = run.root / "prompts" / "train.jsonl"
+    lo, hi = r * cfg.prompts, (r + 1) * cfg.prompts
+    prompts, criteria = read_prompts(train)[lo:hi], read_criteria(train)[lo:hi]
+    if not prompts:
+        raise DataError(
+            f"{train}: round {r} needs training prompts {lo + 1}-{hi} (pairs.prompts per round), "
+            f"found {lo}; add prompts or lower pairs.prompts"
+        )
     criterion_of = {prompt_text(p): c for p, c in zip(prompts, criteria, strict=True)}
     precision = run.precision()
-    model, tok = load_sampler(run.policy, precision)
-    random.seed(run.cfg.seed)
-    torch.manual_seed(run.cfg.seed)
+    policy = round_policy(run, r)
+    model, tok = load_sampler(policy, precision)
+    random.seed(run.cfg.seed + r)
+    torch.manual_seed(run.cfg.seed + r)
     with progress_bar("pairs", total=len(prompts) * cfg.samples_per_prompt) as bar:
         pairs, gens = sample_pairs(
             model,
@@ -65,26 +82,57 @@ def stage_pairs(run: Run) -> dict[str, Any]:
             cfg.sampling,
             k=cfg.samples_per_prompt,
             pairing=cfg.pairing,
-            source=run.policy,
+            source=policy,
             batch_size=cfg.batch_size,
             precision=precision,
             on_batch=bar.advance,
         )
-    rows = [
-        {
+    del model
+    method = cfg.select if r > 0 else "random"
+    probs = None
+    budget = cfg.budget or len(pairs)
+    if budget < len(pairs) and method != "random":
+        probs = candidate_probs(run, r - 1, pairs)  # (M, N) the last reward model's P(a ≻ b)
+    chosen = set(
+        select_pairs(
+            len(pairs),
+            budget,
+            method,
+            probs=probs,
+            random_share=cfg.random_share,
+            seed=run.cfg.seed + r,
+        )
+    )
+    # the randomly drawn share (the same seeded draw select_pairs makes first)
+    share = budget if method == "random" else round(budget * cfg.random_share)
+    drawn = set(select_pairs(len(pairs), share, "random", seed=run.cfg.seed + r))
+
+    def picked_by(i: int) -> str:
+        return "all" if budget >= len(pairs) else "random" if i in drawn else method
+
+    rows = []
+    for i, p in enumerate(pairs):
+        row = {
             "prompt": p.prompt,
             "response_a": p.response_a,
             "response_b": p.response_b,
             "source_a": p.source_a,
             "source_b": p.source_b,
-            "metadata": {"criterion": criterion_of[prompt_text(p.prompt)]},
+            "metadata": {
+                "criterion": criterion_of[prompt_text(p.prompt)],
+                **({"round": r} if r else {}),
+                **({"selected_by": picked_by(i)} if cfg.budget else {}),
+                **({"p_a": float(probs.mean(0)[i])} if probs is not None else {}),
+            },
         }
-        for p in pairs
-    ]
-    d = run.dir("pairs")
-    write_jsonl(d / "pairs.jsonl", rows)
-    # every sample, in demonstrations format: the initial policy's own responses, which the
-    # reward stage may normalise on (see stage_reward)
+        rows.append(row)
+    d = run.round_dir(r, "pairs")
+    d.mkdir(parents=True, exist_ok=True)
+    if cfg.budget:
+        write_jsonl(d / "candidates.jsonl", rows)
+    write_jsonl(d / "pairs.jsonl", [row for i, row in enumerate(rows) if i in chosen])
+    # every sample, in demonstrations format: the round policy's own responses, which the
+    # reward stage may normalise on (see reward_config)
     per_prompt = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     write_jsonl(
         d / "samples.jsonl",
@@ -95,7 +143,9 @@ def stage_pairs(run: Run) -> dict[str, Any]:
     )
     summary = {
         "stage": "pairs",
-        "pairs": len(rows),
+        "pairs": len(chosen),
+        "candidates": len(pairs),
+        "select": method,
         "prompts": len(prompts),
         "mean_tokens": sum(len(g.token_ids) for g in gens) / max(1, len(gens)),
         "eos_rate": sum(g.finished for g in gens) / max(1, len(gens)),
@@ -104,16 +154,38 @@ def stage_pairs(run: Run) -> dict[str, Any]:
     return summary
 
 
-def campaign_plan(run: Run) -> list[tuple[str, str, str | None]]:
-    """(campaign name, who labels it, criterion) for the run's pairs: one campaign labelled by
+def candidate_probs(run: Run, r: int, pairs: list[Any]) -> Any:
+    """(M, N) P(a ≻ b) of round r's reward model (each ensemble member; M = 1 for one model)."""
+    import numpy as np
+
+    from palate.active import preference_probs
+    from palate.reward.model import RewardEnsemble, load_reward_model
+
+    rm = load_reward_model(run.round_dir(r, "reward") / "final")
+    # an ensemble's members are raw (the ensemble's gain scales their mean); one model scores
+    # with its own gain. Offsets cancel in r_a − r_b.
+    members, gain = (rm.members, rm.gain) if isinstance(rm, RewardEnsemble) else ([rm], 1.0)
+    prompts = [p.prompt for p in pairs]
+
+    def scores(responses: list[str]) -> Any:  # (M, N)
+        return np.stack([m.score(prompts, responses).float().numpy() * gain for m in members])
+
+    return preference_probs(
+        scores([p.response_a for p in pairs]), scores([p.response_b for p in pairs])
+    )
+
+
+def campaign_plan(run: Run, r: int = 0) -> list[tuple[str, str, str | None]]:
+    """(campaign name, who labels it, criterion) for round r's pairs: one campaign labelled by
     ``raters.kind``, or with ``raters.routes`` one per criterion, each by its route."""
     raters = run.cfg.raters
+    base = run.campaign if r == 0 else f"{run.campaign}-round-{r}"
     if not raters.routes:
-        return [(run.campaign, raters.kind, None)]
-    rows = read_jsonl(run.dir("pairs") / "pairs.jsonl")
+        return [(base, raters.kind, None)]
+    rows = read_jsonl(run.round_dir(r, "pairs") / "pairs.jsonl")
     criteria = sorted({r.get("metadata", {}).get("criterion", "helpfulness") for r in rows})
     plan: list[tuple[str, str, str | None]] = [
-        (f"{run.campaign}-{c}", raters.routes.get(c, raters.kind), c) for c in criteria
+        (f"{base}-{c}", raters.routes.get(c, raters.kind), c) for c in criteria
     ]
     if sum(kind == "people" for _, kind, _ in plan) > 1:
         raise DataError(
@@ -124,9 +196,13 @@ def campaign_plan(run: Run) -> list[tuple[str, str, str | None]]:
 
 
 def run_campaign(
-    run: Run, name: str | None = None, criterion: str | None = None, overlap: int | None = None
+    run: Run,
+    name: str | None = None,
+    criterion: str | None = None,
+    overlap: int | None = None,
+    r: int = 0,
 ) -> tuple[sessionmaker[Session], int]:
-    """Create (or find) a campaign of the run's pairs (those of ``criterion`` when given);
+    """Create (or find) a campaign of round r's pairs (those of ``criterion`` when given);
     returns (sessionmaker, campaign id)."""
     from palate.label.campaign import parse_pairs
     from palate.label.db import Campaign, open_db
@@ -137,7 +213,7 @@ def run_campaign(
     with factory() as db:
         camp = db.scalar(select(Campaign).where(Campaign.name == name))
         if camp is None:
-            pairs_file = run.dir("pairs") / "pairs.jsonl"
+            pairs_file = run.round_dir(r, "pairs") / "pairs.jsonl"
             pairs = parse_pairs(pairs_file.read_text(), str(pairs_file))
             if criterion is not None:
                 pairs = [
@@ -151,7 +227,7 @@ def run_campaign(
                 pairs,
                 overlap=overlap or run.cfg.raters.overlap,
                 guidelines=guidelines,
-                source=run.policy,
+                source=round_policy(run, r),
             )
         return factory, camp.id
 
@@ -189,17 +265,18 @@ def label_by_people(run: Run, factory: sessionmaker[Session], cid: int, name: st
     )
 
 
-def stage_labels(run: Run) -> dict[str, Any]:
+def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
     from palate.label.db import Campaign
     from palate.label.stats import campaign_stats
     from palate.label.store import export_rows
 
     raters = run.cfg.raters
-    d = run.dir("labels")
+    d = run.round_dir(r, "labels")
+    d.mkdir(parents=True, exist_ok=True)
     out = d / "comparisons.jsonl"
     summary: dict[str, Any] = {"stage": "labels", "raters": raters.kind}
     if raters.kind == "file":
-        assert raters.file is not None
+        assert raters.file is not None and r == 0
         records = read_records(raters.file, "comparisons").records
         write_jsonl(out, records)
         summary.update(comparisons=len(records), source=raters.file)
@@ -208,8 +285,8 @@ def stage_labels(run: Run) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     campaigns: dict[str, Any] = {}
     keep = ("labels", "pairwise_agreement", "krippendorff_alpha", "median_seconds")
-    for name, kind, criterion in campaign_plan(run):
-        factory, cid = run_campaign(run, name, criterion, 1 if kind == "judge" else None)
+    for name, kind, criterion in campaign_plan(run, r):
+        factory, cid = run_campaign(run, name, criterion, 1 if kind == "judge" else None, r)
         if kind == "simulated":
             from palate.simulate import gold_scorer, label_with_panel
 
@@ -233,7 +310,7 @@ def stage_labels(run: Run) -> dict[str, Any]:
             **{k: stats[k] for k in keep if k in stats},
         }
     if not rows:
-        raise DataError(f"campaign {run.campaign!r}: no usable labels (all skipped or both bad)")
+        raise DataError(f"campaign {name!r}: no usable labels (all skipped or both bad)")
     write_jsonl(out, rows)
     summary.update(db=run.db_url, comparisons=len(rows))
     if len(campaigns) == 1:
@@ -248,16 +325,31 @@ def stage_labels(run: Run) -> dict[str, Any]:
     return summary
 
 
-def stage_reward(run: Run) -> dict[str, Any]:
+def stage_reward(run: Run, r: int = 0) -> dict[str, Any]:
     from palate.reward import train_reward
 
-    return train_reward(reward_config(run))
+    return train_reward(reward_config(run, r))
 
 
-def reward_config(run: Run) -> RewardConfig:
-    """The run's reward stage as a plain ``palate reward train`` config.
+def comparisons_file(run: Run, r: int) -> Path:
+    """The comparisons round r's reward model trains on: every round's labels so far (rounds
+    ≥ 1 concatenate them into ``round-r/labels/all.jsonl``)."""
+    if r == 0:
+        return run.dir("labels") / "comparisons.jsonl"
+    rows = [
+        row
+        for k in range(r + 1)
+        for row in read_jsonl(run.round_dir(k, "labels") / "comparisons.jsonl")
+    ]
+    path = run.round_dir(r, "labels") / "all.jsonl"
+    write_jsonl(path, rows)
+    return path
 
-    Normalisation is on the initial policy's samples with PPO's sampling settings: the pairs
+
+def reward_config(run: Run, r: int = 0) -> RewardConfig:
+    """Round r's reward stage as a plain ``palate reward train`` config, on every label so far.
+
+    Normalisation is on the round policy's samples with PPO's sampling settings: the pairs
     stage's samples when they were drawn with exactly those settings (free), else fresh samples
     of the policy on the training prompts. Settings the user gave win.
     """
@@ -265,39 +357,129 @@ def reward_config(run: Run) -> RewardConfig:
     given = run.cfg.reward.normalize.model_fields_set
     norm = data["normalize"]
     if not {"policy", "responses"} & given:
-        samples = run.dir("pairs") / "samples.jsonl"
+        samples = run.round_dir(r, "pairs") / "samples.jsonl"
         if run.cfg.pairs.sampling == run.cfg.ppo.sampling and samples.is_file():
             norm["responses"] = str(samples)
         else:
-            norm["policy"] = run.policy
+            norm["policy"] = round_policy(run, r)
             if "prompts" not in given:
                 norm["prompts"] = str(run.root / "prompts" / "train.jsonl")
             if "sampling" not in given:
                 norm["sampling"] = run.cfg.ppo.sampling.model_dump()
-    data.update(
-        data=str(run.dir("labels") / "comparisons.jsonl"), output_dir=str(run.dir("reward"))
-    )
+    data.update(data=str(comparisons_file(run, r)), output_dir=str(run.round_dir(r, "reward")))
     return RewardConfig.model_validate(data)
 
 
-def ppo_config(run: Run) -> PPOConfig:
-    """The run's PPO stage as a plain ``palate ppo`` config."""
+def ppo_config(run: Run, r: int = 0) -> PPOConfig:
+    """Round r's PPO stage as a plain ``palate ppo`` config. Later rounds continue the previous
+    round's LoRA adapter (the reference stays the initial policy) at its last KL coefficient."""
     data = run.cfg.ppo.model_dump()
     data.update(
         model=run.policy,
         prompts=str(run.root / "prompts" / "train.jsonl"),
-        output_dir=str(run.dir("ppo")),
+        output_dir=str(run.round_dir(r, "ppo")),
     )
-    data["reward"]["model"] = str(run.dir("reward") / "final")
+    data["reward"]["model"] = str(run.round_dir(r, "reward") / "final")
+    if r > 0:
+        prev = RunDir(run.round_dir(r - 1, "ppo"))
+        last = prev.latest_checkpoint()
+        if last is None:
+            raise DataError(f"{prev.path}: no checkpoint to continue from")
+        data["init_adapter"] = str(last / "policy")
+        beta = prev.read_summary().get("kl_coef_last")
+        if run.cfg.ppo.kl.adaptive and beta is not None:
+            data["kl"]["coef"] = float(beta)
     return PPOConfig.model_validate(data)
 
 
-def stage_ppo(run: Run, stop_after: int | None = None) -> dict[str, Any]:
+def stage_ppo(run: Run, stop_after: int | None = None, r: int = 0) -> dict[str, Any]:
     from palate.ppo import ppo
     from palate.simulate import gold_scorer
 
     # the gold watches for reward hacking during training (the policy never sees it)
-    return ppo(ppo_config(run), stop_after=stop_after, gold_fn=gold_scorer(run.cfg.gold))
+    return ppo(ppo_config(run, r), stop_after=stop_after, gold_fn=gold_scorer(run.cfg.gold))
+
+
+def stage_round(run: Run, stage: str) -> dict[str, Any]:
+    """One later round (iterated online RLHF): the newest policy answers fresh prompts → pairs
+    chosen within the budget → labelled by the run's raters → how stale the last reward model
+    was on them → a reward model retrained on every label so far → PPO continued from the newest
+    policy. Each step is skipped when done, so a killed round continues where it stopped."""
+    r = run.round_no(stage)
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("pairs", lambda: stage_pairs(run, r)),
+        ("labels", lambda: stage_labels(run, r)),
+        ("reward", lambda: stage_reward(run, r)),
+        ("ppo", lambda: stage_ppo(run, r=r)),
+    ]
+    out: dict[str, Any] = {"stage": stage, "round": r}
+    for step, fn in steps:
+        d = run.round_dir(r, step)
+        if RunDir(d).is_complete():
+            result = RunDir(d).read_summary()
+        else:
+            console.print(f"round {r}: {step}")
+            result = fn()
+            if "stopped_at" in result:
+                return result
+        if step == "labels":
+            out["staleness"] = staleness(run, r)
+        out[step] = result
+    summary = {
+        "stage": stage,
+        "round": r,
+        "pairs": out["pairs"]["pairs"],
+        "candidates": out["pairs"]["candidates"],
+        "select": out["pairs"]["select"],
+        "comparisons": out["labels"]["comparisons"],
+        "comparisons_total": out["reward"].get("train_pairs", 0)
+        + out["reward"].get("eval_pairs", 0),
+        **out["staleness"],
+        "reward_accuracy": out["reward"].get("eval_accuracy"),
+        "ppo_updates": out["ppo"].get("updates"),
+        "kl_last": out["ppo"].get("kl_last"),
+        "kl_coef_last": out["ppo"].get("kl_coef_last"),
+    }
+    RunDir(run.dir(stage)).write_summary(summary)
+    return summary
+
+
+def staleness(run: Run, r: int) -> dict[str, Any]:
+    """How well the previous round's reward model predicts round r's new labels, before it is
+    retrained: its accuracy on them (ties and soft labels aside: the chosen answer scored
+    higher), on all of them and on the randomly drawn share alone (the unbiased number: pairs
+    chosen for uncertainty are near ½ by construction)."""
+    from palate.reward.model import load_reward_model
+
+    rows = [
+        x for x in read_jsonl(run.round_dir(r, "labels") / "comparisons.jsonl") if not x.get("tie")
+    ]
+    if not rows:
+        return {"stale_accuracy": None, "stale_accuracy_random": None, "stale_n": 0}
+    rm = load_reward_model(run.round_dir(r - 1, "reward") / "final")
+    prompts = [x["prompt"] for x in rows]
+    chosen = rm.score(prompts, [x["chosen"] for x in rows]).float()
+    rejected = rm.score(prompts, [x["rejected"] for x in rows]).float()
+    right = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    pairs = {
+        json.dumps([p["prompt"], p["response_a"], p["response_b"]], sort_keys=True): p
+        for p in read_jsonl(run.round_dir(r, "pairs") / "pairs.jsonl")
+    }
+
+    def drawn(x: dict[str, Any]) -> bool:
+        for a, b in ((x["chosen"], x["rejected"]), (x["rejected"], x["chosen"])):
+            p = pairs.get(json.dumps([x["prompt"], a, b], sort_keys=True))
+            if p is not None:
+                return p.get("metadata", {}).get("selected_by", "random") in ("random", "all")
+        return False
+
+    rand = [float(v) for v, x in zip(right.tolist(), rows, strict=True) if drawn(x)]
+    return {
+        "stale_accuracy": float(right.mean()),
+        "stale_accuracy_random": sum(rand) / len(rand) if rand else None,
+        "stale_n": len(rows),
+        "stale_n_random": len(rand),
+    }
 
 
 def stage_eval(run: Run) -> dict[str, Any]:
@@ -328,7 +510,17 @@ def stage_eval(run: Run) -> dict[str, Any]:
     for module in proxy.reward_model.modules():
         store_frozen_linears(module, precision)
     initial, tok = load_sampler(run.policy, precision)
-    ckpts = RunDir(run.dir("ppo")).complete_checkpoints()[:-1] if cfg.checkpoints else []
+    # checkpoints of every round, numbered by updates since the start (the last is the final)
+    per_round = run.cfg.ppo.ppo.updates
+    ckpts = (
+        [
+            (k * per_round + int(ck.name.split("-")[1]), ck)
+            for k, d in enumerate(run.ppo_dirs())
+            for ck in RunDir(d).complete_checkpoints()
+        ][:-1]
+        if cfg.checkpoints
+        else []
+    )
     n_ck = min(cfg.checkpoint_prompts, len(prompts))
     total = 2 * len(prompts) + len(ckpts) * n_ck
     xstest = read_xstest(cfg.xstest, cfg.xstest_per_label, cfg.seed) if cfg.xstest else []
@@ -343,7 +535,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
     with progress_bar("eval", total=total) as bar:
         kw["on_batch"] = bar.advance
         old = evaluate_policy(initial, tok, prompts, sampling, **kw)
-        final, _ = load_sampler(str(run.dir("ppo") / "final"), precision)
+        final, _ = load_sampler(str(run.ppo_dirs()[-1] / "final"), precision)
         new = evaluate_policy(final, tok, prompts, sampling, reference=initial, **kw)
         safety = {}
         if xstest:
@@ -370,12 +562,12 @@ def stage_eval(run: Run) -> dict[str, Any]:
                     seed=cfg.seed,
                 )
         points = [{"update": 0, "kl": 0.0, **old.means(n_ck)}]
-        for ck in ckpts:
+        for update, ck in ckpts:
             model = checkpoint_policy(ck, run.policy, precision)
             scored = evaluate_policy(model, tok, prompts[:n_ck], sampling, reference=initial, **kw)
-            points.append({"update": int(ck.name.split("-")[1]), **scored.means(n_ck)})
+            points.append({"update": update, **scored.means(n_ck)})
             del model
-    points.append({"update": run.cfg.ppo.ppo.updates, **new.means(n_ck)})
+    points.append({"update": per_round * run.cfg.rounds, **new.means(n_ck)})
     overopt = study_overopt(run, initial, tok, prompts, sampling, gold, proxy, points)
     result = compare(new, old, seed=cfg.seed)
     d = run.dir("eval")
@@ -389,7 +581,14 @@ def stage_eval(run: Run) -> dict[str, Any]:
         ],
     )
     write_jsonl(d / "checkpoints.jsonl", points)
-    write_jsonl(d / "rollouts.jsonl", rollout_curve(run.dir("ppo") / "samples", gold))
+    write_jsonl(
+        d / "rollouts.jsonl",
+        [
+            {**p, "update": k * per_round + p["update"]}
+            for k, ppo_dir in enumerate(run.ppo_dirs())
+            for p in rollout_curve(ppo_dir / "samples", gold)
+        ],
+    )
     kl_target = run.cfg.ppo.kl.target if run.cfg.ppo.kl.adaptive else None
     summary = {"stage": "eval", **result, "kl_target": kl_target}
     if safety:
@@ -462,25 +661,64 @@ def stage_report(run: Run) -> dict[str, Any]:
         for s in STAGES[:-2]
         if RunDir(run.dir(s)).is_complete()
     }
+    per_round = run.cfg.ppo.ppo.updates
+    metrics, alarms = [], []
+    for k, d in enumerate(run.ppo_dirs()):  # every round's PPO, steps counted from the start
+        metrics += [{**m, "step": k * per_round + m["step"]} for m in RunDir(d).metrics()]
+        if (d / "alarms.jsonl").is_file():
+            alarms += [
+                {**a, "update": k * per_round + a["update"], **({"round": k} if k else {})}
+                for a in read_jsonl(d / "alarms.jsonl")
+            ]
+    checkpoints = read_jsonl(eval_dir / "checkpoints.jsonl")
     path = build_report(
         run.dir("report") / "report.html",
         title=f"palate run: {run.root.name}",
         summary=summary,
         stages=stages,
-        ppo_metrics=RunDir(run.dir("ppo")).metrics(),
-        checkpoints=read_jsonl(eval_dir / "checkpoints.jsonl"),
+        ppo_metrics=metrics,
+        checkpoints=checkpoints,
         rollouts=read_jsonl(eval_dir / "rollouts.jsonl"),
         lengths_initial=[s["length_old"] for s in samples],
         lengths_final=[s["length_new"] for s in samples],
         samples=samples,
         notes=gold_note(run),
-        alarms=read_jsonl(run.dir("ppo") / "alarms.jsonl")
-        if (run.dir("ppo") / "alarms.jsonl").is_file()
-        else [],
+        alarms=alarms,
+        rounds=round_rows(run, checkpoints) if run.cfg.rounds > 1 else [],
     )
     out = {"stage": "report", "report": str(path)}
     RunDir(run.dir("report")).write_summary(out)
     return out
+
+
+def round_rows(run: Run, checkpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round for the report: labels (new, all so far), how the previous reward model
+    did on the new labels, the new one's held-out accuracy, and gold/proxy at the round's end."""
+    per_round = run.cfg.ppo.ppo.updates
+    at = {p["update"]: p for p in checkpoints}
+    rows = []
+    for k in range(run.cfg.rounds):
+        if k == 0:
+            labels = RunDir(run.dir("labels")).read_summary()
+            reward = RunDir(run.dir("reward")).read_summary()
+            row: dict[str, Any] = {
+                "round": 0,
+                "comparisons": labels.get("comparisons"),
+                "comparisons_total": labels.get("comparisons"),
+                "select": "random",
+                "reward_accuracy": reward.get("eval_accuracy"),
+            }
+        else:
+            row = dict(RunDir(run.dir(f"round-{k}")).read_summary())
+        end = at.get((k + 1) * per_round, {})
+        row.update(
+            updates=(k + 1) * per_round,
+            gold=end.get("gold"),
+            proxy=end.get("proxy"),
+            kl=end.get("kl"),
+        )
+        rows.append(row)
+    return rows
 
 
 def gold_note(run: Run) -> str:

@@ -150,6 +150,12 @@ class PPORecipe(StageSettings):
         description="LoRA (the reference is the base with adapters off) or full (frozen copy).",
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
+    init_adapter: str | None = Field(
+        None,
+        description="finetune lora: start from this LoRA adapter (a PPO checkpoint's policy/, "
+        "e.g. the previous round's) instead of fresh adapters; the reference stays the base "
+        "model (adapters off), so the KL is to the initial policy.",
+    )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0),
         description="Rollout sampling (log-probs use the same temperature).",
@@ -192,6 +198,8 @@ class PPORecipe(StageSettings):
             raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
         if self.ppo.ptx_coef > 0 and not self.ppo.ptx_data:
             raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data")
+        if self.init_adapter is not None and self.finetune != "lora":
+            raise ValueError("init_adapter needs finetune: lora")
         return self
 
 

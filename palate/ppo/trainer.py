@@ -193,7 +193,7 @@ class PPOTrainer:
         disable_dropout(policy)
         self.ref: Any = None  # a frozen copy for full fine-tuning; LoRA uses its own base
         if cfg.finetune == "lora":
-            policy = apply_lora(policy, cfg.lora)
+            policy = self._lora(policy)
             disable_dropout(policy)  # LoRA's own dropout too: log π_old must be deterministic
             store_frozen_linears(policy, self.precision)  # the base is also π_ref
         else:
@@ -232,6 +232,17 @@ class PPOTrainer:
             demos = read_records(cfg.ppo.ptx_data, "demonstrations").records
             self.ptx = [tokenize_demonstration(self.tok, d, 512) for d in demos]
         self.step_no = 0
+
+    def _lora(self, policy: Any) -> Any:
+        """Fresh LoRA adapters, or trainable ones loaded from ``init_adapter``."""
+        if self.cfg.init_adapter is None:
+            return apply_lora(policy, self.cfg.lora)
+        from peft import PeftModel
+
+        path = Path(self.cfg.init_adapter)
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"init_adapter {path}: no LoRA adapter (adapter_config.json) there")
+        return PeftModel.from_pretrained(policy, str(path), is_trainable=True)
 
     def _separate_critic(self) -> SeparateCritic:
         from transformers import AutoModelForCausalLM
