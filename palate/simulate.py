@@ -16,13 +16,13 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import Field
 
 from palate.config import Config
-from palate.data import Prompt, as_messages
+from palate.data import Prompt, as_messages, prompt_text
 from palate.reward.model import ScoreFn
 
 __all__ = [
@@ -82,7 +82,18 @@ class GoldRubric(Config):
     relevance_weight: float = Field(
         1.0, description="Weight of overlap between the prompt's and the response's content words."
     )
-    refusal_weight: float = Field(1.0, description="Penalty for refusal phrases.")
+    refusal_weight: float = Field(
+        1.0, description="Penalty for refusal phrases (where refusing is wrong)."
+    )
+    refusal_right: list[str] = Field(
+        default_factory=list,
+        description="Criteria whose prompts should be refused (e.g. [harmlessness] for red-team "
+        "prompts; a prompt's criterion comes from prompts.criterion / prompts.more): there a "
+        "refusal earns refusal_bonus instead of the penalty.",
+    )
+    refusal_bonus: float = Field(
+        1.0, description="Bonus for a refusal where refusing is right (see refusal_right)."
+    )
     repetition_weight: float = Field(2.0, description="Penalty × fraction of repeated trigrams.")
     echo_weight: float = Field(
         2.0, description="Penalty × fraction of the response's trigrams copied from the prompt."
@@ -140,18 +151,22 @@ def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str
     }
 
 
-def gold_score(prompt: Prompt, response: str, rubric: GoldRubric | None = None) -> float:
-    """The gold preference score of one response (higher is better)."""
+def gold_score(
+    prompt: Prompt, response: str, rubric: GoldRubric | None = None, criterion: str | None = None
+) -> float:
+    """The gold preference score of one response (higher is better); ``criterion`` is the
+    prompt's (a refusal is rewarded where the rubric says refusing is right)."""
     rubric = rubric or GoldRubric()
     if not response.strip():
         return rubric.empty_score
     f = gold_features(prompt, response, rubric)
+    refusal = rubric.refusal_bonus if criterion in rubric.refusal_right else -rubric.refusal_weight
     return (
         rubric.length_weight * f["length"]
         + rubric.sentiment_weight * f["sentiment"]
         + rubric.keyword_weight * f["keywords"]
         + rubric.relevance_weight * f["relevance"]
-        - rubric.refusal_weight * f["refusal"]
+        + refusal * f["refusal"]
         - rubric.repetition_weight * f["repetition"]
         - rubric.echo_weight * f["echo"]
         - rubric.truncation_penalty * f["truncated"]
@@ -185,8 +200,12 @@ class GoldConfig(Config):
     )
 
 
-def gold_scorer(gold: GoldConfig | GoldRubric | None = None) -> ScoreFn:
-    """A batched ``score(prompts, responses) -> list[float]`` for the gold preference."""
+def gold_scorer(
+    gold: GoldConfig | GoldRubric | None = None, criteria: Mapping[str, str] | None = None
+) -> ScoreFn:
+    """A batched ``score(prompts, responses) -> list[float]`` for the gold preference.
+    ``criteria``: each prompt's criterion by its text (:func:`palate.data.prompt_text`), for a
+    rubric with ``refusal_right``."""
     if isinstance(gold, GoldConfig) and gold.reward_model:
         from palate.reward import load_reward_model
 
@@ -198,8 +217,13 @@ def gold_scorer(gold: GoldConfig | GoldRubric | None = None) -> ScoreFn:
         return rm_score
     rubric = gold.rubric if isinstance(gold, GoldConfig) else gold or GoldRubric()
 
+    criteria = criteria or {}
+
     def score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        return [gold_score(p, r, rubric) for p, r in zip(prompts, responses, strict=True)]
+        return [
+            gold_score(p, r, rubric, criteria.get(prompt_text(p)) if criteria else None)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
 
     return score
 

@@ -96,3 +96,25 @@ def test_panel_labels_a_campaign_through_the_store(tmp_path: Path) -> None:
         stats = campaign_stats(s, camp)
     assert len(rows) == 20 and all(r["chosen"] == GOOD for r in rows)  # the gold side wins
     assert stats["pairwise_agreement"] == 1.0 and len(stats["raters"]) == 3
+
+
+def test_refusal_is_rewarded_only_where_refusing_is_right() -> None:
+    """A refusal costs refusal_weight on a helpful prompt and earns refusal_bonus on a prompt
+    whose criterion is in refusal_right: the two scores differ by exactly their sum."""
+    from palate.simulate import GoldRubric, gold_score, gold_scorer
+
+    rubric = GoldRubric(refusal_right=["harmlessness"], refusal_weight=1.0, refusal_bonus=0.5)
+    prompt = "How do I pick a lock?"
+    reply = "I'm sorry, I can't help with that."
+    helpful = gold_score(prompt, reply, rubric, "helpfulness")
+    harmless = gold_score(prompt, reply, rubric, "harmlessness")
+    assert harmless - helpful == pytest.approx(1.5)
+    assert gold_score(prompt, reply, rubric) == helpful  # no criterion: refusing is wrong
+    # an answer without a refusal phrase scores the same under both criteria
+    answer = "Locksmiths train for years; call one if you are locked out."
+    assert gold_score(prompt, answer, rubric, "harmlessness") == gold_score(
+        prompt, answer, rubric, "helpfulness"
+    )
+    # the batched scorer finds each prompt's criterion by its text
+    score = gold_scorer(rubric, {prompt: "harmlessness"})
+    assert score([prompt, "Tell me a joke"], [reply, reply])[0] == pytest.approx(harmless)

@@ -8,7 +8,7 @@ supplies.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -114,9 +114,6 @@ class PairSettings(Config):
         description="Share of each budget drawn at random before `select` chooses the rest "
         "(an unbiased sample: it also measures how stale the last reward model is).",
     )
-
-    # fields whose default leaves the pairs exactly as before they existed (fingerprints)
-    SELECTION: ClassVar[tuple[str, ...]] = ("budget", "select", "random_share")
 
 
 class RaterSettings(Config):

@@ -29,8 +29,30 @@ class WaitingForLabels(Exception):
         self.summary = summary
 
 
+# Fields added after runs existed, whose default keeps the old behaviour: left out of the
+# fingerprints while at their default, so a run made before them is not redone.
+LATER_FIELDS: dict[str, Any] = {
+    "init_adapter": None,  # ppo
+    "refusal_right": [],  # gold.rubric
+    "refusal_bonus": 1.0,  # gold.rubric
+    "budget": None,  # pairs
+    "select": "random",  # pairs
+    "random_share": 0.25,  # pairs
+}
+
+
+def _drop_later(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {
+            k: _drop_later(v)
+            for k, v in d.items()
+            if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+        }
+    return d
+
+
 def _dump(model: Any) -> Any:
-    return model.model_dump(mode="json") if model is not None else None
+    return _drop_later(model.model_dump(mode="json")) if model is not None else None
 
 
 class Run:
@@ -59,15 +81,13 @@ class Run:
         c = self.cfg
         if stage == "sft":
             return {"model": c.model, "sft": _dump(c.sft)}
-        pairs = _dump(c.pairs)
-        for k in c.pairs.SELECTION:  # at their defaults they change nothing
-            if (
-                k not in c.pairs.model_fields_set
-                or pairs[k] == type(c.pairs).model_fields[k].default
-            ):
-                pairs.pop(k)
         if stage == "pairs":
-            return {"model": c.model, "seed": c.seed, "prompts": _dump(c.prompts), "pairs": pairs}
+            return {
+                "model": c.model,
+                "seed": c.seed,
+                "prompts": _dump(c.prompts),
+                "pairs": _dump(c.pairs),
+            }
         if stage.startswith("round-"):
             # a round repeats pairs → labels → reward → PPO with the same settings
             return {
@@ -95,6 +115,19 @@ class Run:
     def dir(self, stage: str) -> Path:
         """The stage's folder (``RUN/<stage>``)."""
         return self.root / stage
+
+    def gold(self) -> Any:
+        """The gold preference as a ScoreFn, knowing each prompt's criterion (a rubric may reward
+        refusals where refusing is right)."""
+        from palate.simulate import gold_scorer
+
+        criteria = {}
+        for name in ("train.jsonl", "eval.jsonl"):
+            path = self.root / "prompts" / name
+            if path.is_file():
+                for rec in read_records(path, "prompts").records:
+                    criteria[prompt_text(rec.prompt)] = rec.metadata.get("criterion", "helpfulness")
+        return gold_scorer(self.cfg.gold, criteria)
 
     # ---------------------------------------------------------------- rounds
 

@@ -288,9 +288,9 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
     for name, kind, criterion in campaign_plan(run, r):
         factory, cid = run_campaign(run, name, criterion, 1 if kind == "judge" else None, r)
         if kind == "simulated":
-            from palate.simulate import gold_scorer, label_with_panel
+            from palate.simulate import label_with_panel
 
-            label_with_panel(run.db_url, name, raters.panel, gold_scorer(run.cfg.gold))
+            label_with_panel(run.db_url, name, raters.panel, run.gold())
         elif kind == "judge":
             from palate.feedback import label_campaign, load_judge
 
@@ -394,10 +394,9 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
 
 def stage_ppo(run: Run, stop_after: int | None = None, r: int = 0) -> dict[str, Any]:
     from palate.ppo import ppo
-    from palate.simulate import gold_scorer
 
     # the gold watches for reward hacking during training (the policy never sees it)
-    return ppo(ppo_config(run, r), stop_after=stop_after, gold_fn=gold_scorer(run.cfg.gold))
+    return ppo(ppo_config(run, r), stop_after=stop_after, gold_fn=run.gold())
 
 
 def stage_round(run: Run, stage: str) -> dict[str, Any]:
@@ -495,14 +494,13 @@ def stage_eval(run: Run) -> dict[str, Any]:
     from palate.ppo import load_score_fn
     from palate.reward import RewardModelScorer
     from palate.safety import read_xstest, xstest_rates
-    from palate.simulate import gold_scorer
     from palate.training import store_frozen_linears
 
     cfg = run.cfg.eval
     precision = run.precision()
     sampling = cfg.sampling or run.cfg.ppo.sampling
     prompts = read_prompts(run.root / "prompts" / "eval.jsonl")
-    gold = gold_scorer(run.cfg.gold)
+    gold = run.gold()
     proxy = load_score_fn(
         RewardSource(model=str(run.dir("reward") / "final")), torch.device("cpu"), precision
     )
