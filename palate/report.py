@@ -611,7 +611,7 @@ def _eval_tables(summary: dict[str, Any]) -> str:
                 + "</tr>"
             )
     stats = f'<table class="wins">{shead}{"".join(srows)}</table>'
-    return wins + "<h2>Answers, judge-free</h2>" + stats
+    return wins + _eval_wins_plot(policies) + "<h2>Answers, judge-free</h2>" + stats
 
 
 def _eval_samples(samples: Sequence[dict[str, Any]], names: Sequence[str], limit: int = 6) -> str:
@@ -665,7 +665,6 @@ def build_eval_report(
         "<h2>Win rates against the baseline</h2>",
         note,
         _eval_tables(summary),
-        _eval_wins_plot(policies),
         _overopt(summary.get("overopt")),
         "<h2>Lengths</h2>",
         _eval_lengths_plot(lengths),

@@ -183,6 +183,12 @@ class PanelConfig(Config):
     length_bias: float = Field(
         0.0, description="Spread of per-rater bias per 10 words of length difference (σ)."
     )
+    length_bias_mean: float = Field(
+        0.0,
+        description="A bias per 10 words of length difference that every rater shares (added "
+        "to each rater's own): > 0 the panel likes longer answers, < 0 shorter ones, whatever "
+        "the gold says — a taste the reward model learns and PPO can exploit.",
+    )
     tie_band: float = Field(
         0.0, ge=0, description="Answer 'tie' when |g_A − g_B| is below this (and ties allowed)."
     )
@@ -273,7 +279,8 @@ def label_with_panel(
                 db.scalar(select(User).where(User.name == name))
                 or create_user(db, name, kind="simulated")[0]
             )
-            raters.append((user, rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0))
+            own = rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0
+            raters.append((user, cfg.length_bias_mean + own))
         active = list(raters)
         while active:
             for user, bias in list(active):

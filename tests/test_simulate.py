@@ -118,3 +118,24 @@ def test_refusal_is_rewarded_only_where_refusing_is_right() -> None:
     # the batched scorer finds each prompt's criterion by its text
     score = gold_scorer(rubric, {prompt: "harmlessness"})
     assert score([prompt, "Tell me a joke"], [reply, reply])[0] == pytest.approx(harmless)
+
+
+def test_shared_length_bias_overrides_the_gold(tmp_path: Path) -> None:
+    """A panel that shares a strong taste for short answers picks the short side even where the
+    gold prefers the long one (the biased labels a reward model then learns)."""
+    from sqlalchemy import select
+
+    from palate.label.db import Campaign, open_db
+    from palate.label.store import PairIn, create_campaign, export_rows
+
+    db = str(tmp_path / "bias.db")
+    short = GOOD[:50]
+    with open_db(db)() as s:
+        pairs = [PairIn(prompt=PROMPT, response_a=GOOD, response_b=short) for _ in range(10)]
+        create_campaign(s, "bias", pairs, overlap=3)
+    cfg = PanelConfig(raters=3, temperature=0.2, seed=1, length_bias_mean=-5.0)
+    label_with_panel(db, "bias", cfg)
+    with open_db(db)() as s:
+        rows = export_rows(s, s.scalar(select(Campaign)))
+    assert len(rows) == 10 and all(r["chosen"] == short for r in rows)
+    # unbiased, the same panel picks the gold's side (test above)

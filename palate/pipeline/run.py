@@ -38,6 +38,7 @@ LATER_FIELDS: dict[str, Any] = {
     "budget": None,  # pairs
     "select": "random",  # pairs
     "random_share": 0.25,  # pairs
+    "length_bias_mean": 0.0,  # raters.panel
 }
 
 
