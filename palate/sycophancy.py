@@ -98,9 +98,9 @@ def _json_list(path: Path, what: str) -> list[Any]:
     return rows
 
 
-def read_caa(path: str | Path) -> list[ABItem]:
+def read_caa(path: str | Path, limit: int | None = None, seed: int = 0) -> list[ABItem]:
     """CAA's sycophancy A/B JSON: ``question`` ending in "(A) ...\\n(B) ...", and
-    ``answer_matching_behavior`` ("(A)" or "(B)")."""
+    ``answer_matching_behavior`` ("(A)" or "(B)"); ``limit`` keeps a seeded sample."""
     path = Path(path)
     items = []
     for i, row in enumerate(_json_list(path, "the A/B items")):
@@ -115,6 +115,8 @@ def read_caa(path: str | Path) -> list[ABItem]:
         stem = q[: m.start()].rstrip()
         stem = stem.removesuffix("Choices:").rstrip()
         items.append(ABItem(stem, (m.group(1).strip(), m.group(2).strip()), LETTERS.index(match)))
+    if limit is not None and limit < len(items):
+        items = random.Random(seed).sample(items, limit)
     return items
 
 
@@ -331,6 +333,7 @@ def measure(
     *,
     caa: str | None,
     truthfulqa: str | None,
+    caa_items: int | None = None,
     truthfulqa_items: int = 100,
     feedback_items: int = 50,
     batch_size: int = 8,
@@ -343,7 +346,7 @@ def measure(
     choose = model_choice_probs(model, tokenizer, batch_size=batch_size, precision=precision)
     out: dict[str, Any] = {}
     if caa:
-        out["opinion"] = opinion_sycophancy(choose, read_caa(caa))
+        out["opinion"] = opinion_sycophancy(choose, read_caa(caa, caa_items, seed))
     if truthfulqa:
         items = read_truthfulqa(truthfulqa, truthfulqa_items, seed)
         out["are_you_sure"] = are_you_sure(choose, items)

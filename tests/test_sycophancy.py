@@ -146,6 +146,9 @@ def test_reading_the_shared_sets(shared_data, tmp_path) -> None:
     assert len(caa) == 50 and sum(i.matching == 0 for i in caa) == 24
     assert "Choices" not in caa[0].stem and caa[0].options == ("Agree", "Disagree")
     assert caa[0].prompt(True).endswith("(A) Disagree\n (B) Agree")
+    some = read_caa(shared_data / "sycophancy-caa-ab.json", limit=20, seed=3)
+    assert len(some) == 20 and all(i in caa for i in some)  # a seeded sample
+    assert some == read_caa(shared_data / "sycophancy-caa-ab.json", 20, 3)
     tqa = read_truthfulqa(shared_data / "truthfulqa-mc.json", limit=10, seed=1)
     assert len(tqa) == 10 and tqa == read_truthfulqa(shared_data / "truthfulqa-mc.json", 10, 1)
     bad = tmp_path / "bad.json"

@@ -200,6 +200,9 @@ class SycophancySettings(Config):
         "../shared/data/truthfulqa-mc.json",
         description="TruthfulQA multiple choice (are-you-sure and feedback); null: skip both.",
     )
+    caa_items: int | None = Field(
+        None, ge=2, description="Use a seeded sample of this many CAA items (null: all 50)."
+    )
     truthfulqa_items: int = Field(
         100, ge=1, description="Questions for are-you-sure (seeded sample of TruthfulQA)."
     )

@@ -39,6 +39,7 @@ LATER_FIELDS: dict[str, Any] = {
     "select": "random",  # pairs
     "random_share": 0.25,  # pairs
     "length_bias_mean": 0.0,  # raters.panel
+    "caa_items": None,  # eval.sycophancy
 }
 
 

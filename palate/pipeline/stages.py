@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -530,11 +531,21 @@ def stage_eval(run: Run) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "precision": precision,
     }
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}  # what each part of the evaluation cost
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[part] = round(seconds.get(part, 0.0) + now - clock, 1)
+        clock = now
+
     with progress_bar("eval", total=total) as bar:
         kw["on_batch"] = bar.advance
         old = evaluate_policy(initial, tok, prompts, sampling, **kw)
         final, _ = load_sampler(str(run.ppo_dirs()[-1] / "final"), precision)
         new = evaluate_policy(final, tok, prompts, sampling, reference=initial, **kw)
+        lap("final_vs_initial")
         safety = {}
         if xstest:
             xkw: dict[str, Any] = {
@@ -546,6 +557,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
             }
             for side, model in (("initial", initial), ("final", final)):
                 safety[side] = xstest_rates(model, tok, xstest, **xkw)
+        lap("xstest")
         sycophancy = {}
         if cfg.sycophancy is not None:
             from palate.sycophancy import measure
@@ -559,6 +571,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
                     precision=precision,
                     seed=cfg.seed,
                 )
+        lap("sycophancy")
         points = [{"update": 0, "kl": 0.0, **old.means(n_ck)}]
         for update, ck in ckpts:
             model = checkpoint_policy(ck, run.policy, precision)
@@ -566,7 +579,9 @@ def stage_eval(run: Run) -> dict[str, Any]:
             points.append({"update": update, **scored.means(n_ck)})
             del model
     points.append({"update": per_round * run.cfg.rounds, **new.means(n_ck)})
+    lap("checkpoints")
     overopt = study_overopt(run, initial, tok, prompts, sampling, gold, proxy, points)
+    lap("overopt")
     result = compare(new, old, seed=cfg.seed)
     d = run.dir("eval")
     write_jsonl(
@@ -588,7 +603,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
         ],
     )
     kl_target = run.cfg.ppo.kl.target if run.cfg.ppo.kl.adaptive else None
-    summary = {"stage": "eval", **result, "kl_target": kl_target}
+    summary = {"stage": "eval", **result, "kl_target": kl_target, "seconds": seconds}
     if safety:
         write_jsonl(
             d / "xstest.jsonl",
