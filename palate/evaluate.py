@@ -42,6 +42,7 @@ __all__ = [
     "sample_policy",
     "sequence_kl",
     "win_rate",
+    "win_rates",
 ]
 
 
@@ -140,6 +141,22 @@ def length_controlled_win_rate(
     lo = boots[int((1 - confidence) / 2 * resamples)]
     hi = boots[min(resamples - 1, int((1 + confidence) / 2 * resamples))]
     return {"lc_win_rate": rate, "low": lo, "high": hi, "n": int(w.size)}
+
+
+def win_rates(
+    wins: Sequence[float] | np.ndarray, len_new: Sequence[int], len_old: Sequence[int], seed: int
+) -> dict[str, Any]:
+    """From per-prompt wins (ties ½): the win rate with its bootstrap interval and the
+    length-controlled win rate ({n, win_rate, low, high, lc_win_rate, lc_low, lc_high})."""
+    out: dict[str, Any] = {"n": len(wins)}
+    if len(wins) == 0:
+        return out
+    m = bootstrap_mean(wins, seed=seed)
+    out.update({"win_rate": m["mean"], "low": m["low"], "high": m["high"]})
+    if len(wins) >= 2:
+        lc = length_controlled_win_rate(wins, len_new, len_old, seed=seed)
+        out.update({"lc_win_rate": lc["lc_win_rate"], "lc_low": lc["low"], "lc_high": lc["high"]})
+    return out
 
 
 @dataclass
@@ -292,7 +309,9 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
         a, b = getattr(new, name), getattr(old, name)
         if a is None or b is None:
             continue
-        wr = win_rate(a, b, seed=seed)
+        if len(a) != len(b) or not len(a):
+            raise ValueError("win_rate needs two equal, non-empty score lists")
+        wr = win_rates(pairwise_wins(a, b), new.samples.lengths, old.samples.lengths, seed)
         out.update(
             {
                 f"{name}_win_rate": wr["win_rate"],
@@ -302,15 +321,12 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
                 f"{name}_old": float(np.mean(b)),
             }
         )
-        if len(a) >= 2:  # the win rate with the length difference regressed out
-            lc = length_controlled_win_rate(
-                pairwise_wins(a, b), new.samples.lengths, old.samples.lengths, seed=seed
-            )
+        if "lc_win_rate" in wr:  # the win rate with the length difference regressed out
             out.update(
                 {
-                    f"{name}_lc_win_rate": lc["lc_win_rate"],
-                    f"{name}_lc_win_rate_low": lc["low"],
-                    f"{name}_lc_win_rate_high": lc["high"],
+                    f"{name}_lc_win_rate": wr["lc_win_rate"],
+                    f"{name}_lc_win_rate_low": wr["lc_low"],
+                    f"{name}_lc_win_rate_high": wr["lc_high"],
                 }
             )
     if None not in (new.gold, old.gold, new.proxy, old.proxy):

@@ -34,13 +34,11 @@ from palate.data import Prompt, atomic_write, prompt_json, read_jsonl, read_reco
 from palate.errors import ConfigError, DataError
 from palate.evaluate import (
     PolicySamples,
-    bootstrap_mean,
     checkpoint_policy,
-    length_controlled_win_rate,
+    evaluate_policy,
     load_sampler,
     pairwise_wins,
-    sample_policy,
-    sequence_kl,
+    win_rates,
 )
 from palate.feedback.config import JudgeSettings
 from palate.monitors import distinct_n, repeated_trigrams
@@ -227,31 +225,21 @@ def policy_samples(
         return samples, kl, True
     precision = _precision(cfg)
     model, tok = load_policy(spec, precision)
+    if reference is not None and reference_tok.get_vocab() != tok.get_vocab():
+        raise ConfigError(f"policies.{name}: its tokenizer differs from the KL reference's")
     with progress_bar(f"sample {name}", total=len(prompts)) as bar:
-        samples = sample_policy(
+        scored = evaluate_policy(
             model,
             tok,
             prompts,
             cfg.sampling,
+            reference=reference,
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             precision=precision,
             on_batch=bar.advance,
         )
-    kl = None
-    if reference is not None:
-        if reference_tok.get_vocab() != tok.get_vocab():
-            raise ConfigError(f"policies.{name}: its tokenizer differs from the KL reference's")
-        kl = sequence_kl(
-            model,
-            reference,
-            tok,
-            prompts,
-            samples.token_ids,
-            temperature=cfg.sampling.temperature or 1.0,
-            batch_size=cfg.batch_size,
-            precision=precision,
-        )
+    samples, kl = scored.samples, scored.kl
     del model
     write_jsonl(
         path,
@@ -288,20 +276,6 @@ def text_stats(samples: PolicySamples) -> dict[str, float]:
         "repetition": float(np.mean([repeated_trigrams(t) for t in texts])),
         "refusal_rate": float(np.mean([is_refusal(t) for t in texts])),
     }
-
-
-def judged(wins: np.ndarray, len_new: list[int], len_old: list[int], seed: int) -> dict[str, Any]:
-    """Win rate (per-prompt wins, ties ½) with its bootstrap interval and the
-    length-controlled win rate."""
-    out: dict[str, Any] = {"n": len(wins)}
-    if len(wins) == 0:
-        return out
-    m = bootstrap_mean(wins, seed=seed)
-    out.update({"win_rate": m["mean"], "low": m["low"], "high": m["high"]})
-    if len(wins) >= 2:
-        lc = length_controlled_win_rate(wins, len_new, len_old, seed=seed)
-        out.update({"lc_win_rate": lc["lc_win_rate"], "lc_low": lc["low"], "lc_high": lc["high"]})
-    return out
 
 
 # --------------------------------------------------------------------------- people
@@ -513,7 +487,7 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
         res: dict[str, Any] = {}
         for judge_name, sc in scores.items():
             res[judge_name] = {
-                **judged(
+                **win_rates(
                     pairwise_wins(sc[name], sc["baseline"]),
                     s.lengths,
                     base.lengths,
@@ -525,7 +499,7 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
         if name in ai_probs:
             pr = np.asarray(ai_probs[name])
             res["ai"] = {
-                **judged(
+                **win_rates(
                     pairwise_wins(pr, np.full_like(pr, 0.5)), s.lengths, base.lengths, cfg.seed
                 ),
                 "mean_prob": float(pr.mean()),
@@ -535,7 +509,7 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
             idx = [i for i, _ in got]
             pr = np.asarray([x for _, x in got])
             res["people"] = {
-                **judged(
+                **win_rates(
                     pairwise_wins(pr, np.full_like(pr, 0.5)),
                     [s.lengths[i] for i in idx],
                     [base.lengths[i] for i in idx],
