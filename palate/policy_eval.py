@@ -198,6 +198,7 @@ def policy_samples(
     prompts: list[Prompt],
     reference: Any,
     reference_tok: Any,
+    loaded: dict[str, tuple[Any, Any]] | None = None,
 ) -> tuple[PolicySamples, list[float] | None, bool]:
     """The policy's samples on ``prompts`` (and per-response KL to ``reference``), from
     ``samples/<name>.jsonl`` when it was written with the same settings; else sampled now.
@@ -224,7 +225,7 @@ def policy_samples(
         kl = [r["kl"] for r in rows] if reference is not None else None
         return samples, kl, True
     precision = _precision(cfg)
-    model, tok = load_policy(spec, precision)
+    model, tok = (loaded or {}).get(spec) or load_policy(spec, precision)
     if reference is not None and reference_tok.get_vocab() != tok.get_vocab():
         raise ConfigError(f"policies.{name}: its tokenizer differs from the KL reference's")
     with progress_bar(f"sample {name}", total=len(prompts)) as bar:
@@ -360,6 +361,7 @@ def overopt_study(
     scores: dict[str, dict[str, list[float]]],
     kls: dict[str, list[float] | None],
     score_fns: dict[str, Any],
+    baseline: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Best-of-n on the baseline, and every policy as one point of the optimisation curve
     (its KL to the baseline; gold and reward-model means), fitted with Gao et al.'s forms."""
@@ -379,7 +381,7 @@ def overopt_study(
         kl = float(np.mean(kls[n] or [0]))
         points.append({"name": n, "kl": kl, "gold": means[n][0], "proxy": means[n][1]})
     precision = _precision(cfg)
-    model, tok = load_policy(cfg.baseline, precision)
+    model, tok = baseline or load_policy(cfg.baseline, precision)
     out = study(
         model,
         tok,
@@ -414,6 +416,7 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
     precision = _precision(cfg)
     ref_spec = cfg.reference or cfg.baseline
     reference, ref_tok = load_policy(ref_spec, precision)
+    loaded = {ref_spec: (reference, ref_tok)}  # the reference samples as itself (no reload)
 
     base, base_kl, _ = policy_samples(
         cfg,
@@ -422,17 +425,17 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
         prompts,
         None if ref_spec == cfg.baseline else reference,
         ref_tok,
+        loaded,
     )
     samples: dict[str, PolicySamples] = {}
     kls: dict[str, list[float] | None] = {}
     reused: list[str] = []
     for name, spec in cfg.policies.items():
         samples[name], kls[name], again = policy_samples(
-            cfg, name, spec, prompts, reference, ref_tok
+            cfg, name, spec, prompts, reference, ref_tok, loaded
         )
         if again:
             reused.append(name)
-    del reference
 
     judges = cfg.judges
     scores: dict[str, dict[str, list[float]]] = {}  # judge → side → (N,) score
@@ -523,7 +526,10 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
     if people_progress is not None:
         summary["people"] = people_progress
     if cfg.overopt is not None:
-        summary["overopt"] = overopt_study(cfg, prompts, scores, kls, score_fns)
+        # the baseline is the reference here (checked with the config): already loaded
+        summary["overopt"] = overopt_study(
+            cfg, prompts, scores, kls, score_fns, loaded.get(cfg.baseline)
+        )
 
     write_jsonl(
         run.path / "samples.jsonl",
