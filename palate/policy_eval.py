@@ -109,7 +109,7 @@ class EvalConfig(Config):
         description="Sampling (every policy and the baseline use the same seed).",
     )
     seed: int = Field(0, description="Sampling seed.")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_size: int = Field(64, ge=1, description="Sequences generated together.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="bf16 autocast where supported (auto) or fp32."
     )

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -418,6 +418,17 @@ def length_grouped_order(
     g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [j for b in perm for j in batches[b]]
+
+
+def grouped_order(keys: Sequence[Hashable], seed: int, epoch: int) -> list[int]:
+    """Shuffled order in which the items sharing a key are consecutive: the distinct keys in a
+    seeded random order, each key's items shuffled. Deterministic in (seed, epoch)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i in epoch_order(len(keys), seed, epoch):
+        groups.setdefault(keys[i], []).append(i)
+    names = list(groups)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 11)
+    return [i for k in torch.randperm(len(names), generator=g).tolist() for i in groups[names[k]]]
 
 
 @dataclasses.dataclass

@@ -119,6 +119,53 @@ def test_chunked_forward_gives_the_same_scores(tiny_rm: RewardModel) -> None:
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_reply_in_several_pairs_is_encoded_once(tiny_rm: RewardModel) -> None:
+    """4 replies to one prompt make 6 pairs (12 sequences): 4 are forwarded, and the scores and
+    the loss's gradient equal those of every pair encoded on its own."""
+    from palate.reward.model import encode_pairs, forward_pairs
+
+    replies = ["red apple", "green pear here", "blue", "a yellow lemon"]
+    comps = [
+        Comparison(prompt="Name a fruit", chosen=replies[i], rejected=replies[j])
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
+    pairs = encode_pairs(tiny_rm, comps, use_margin=False)
+    model = tiny_rm.model
+    rows_seen: list[int] = []
+
+    def count(_m: object, _a: object, kw: dict[str, torch.Tensor], _out: object) -> None:
+        rows_seen.append(kw["input_ids"].shape[0])
+
+    hook = model.register_forward_hook(count, with_kwargs=True)
+    try:
+        model.zero_grad()
+        r_c, r_r = forward_pairs(tiny_rm, pairs, chunks=1)
+        preference_loss(r_c, r_r).mean().backward()
+    finally:
+        hook.remove()
+    assert rows_seen == [4]
+    shared = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    alone = [forward_pairs(tiny_rm, [p], chunks=1) for p in pairs]  # no reply repeats
+    a_c = torch.cat([c for c, _ in alone])
+    a_r = torch.cat([r for _, r in alone])
+    torch.testing.assert_close(r_c, a_c, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r_r, a_r, rtol=1e-4, atol=1e-5)
+    preference_loss(a_c, a_r).mean().backward()
+    separate = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(shared) == len(separate) > 0
+    for g1, g2 in zip(shared, separate, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-6)
+    model.zero_grad()
+    # score() too: a repeated (prompt, response) is scored once, in its own row
+    with torch.no_grad():
+        once = tiny_rm.score(["Name a fruit"] * 3, ["blue", "red apple", "blue"])
+    assert (
+        once[0].item() == once[2].item() == pytest.approx(float(a_r[1]), rel=1e-4)
+    )  # (0, 2): "blue"
+
+
 def test_zero_head_init_is_seed_independent() -> None:
     heads = []
     for seed in (0, 1):
@@ -224,6 +271,53 @@ def test_tiny_reward_model_learns_marker(tmp_path: Path) -> None:
     assert {"train/accuracy", "train/margin", "train/pairs_per_s", "eval/accuracy"} <= set(
         k for r in rows for k in r
     )
+
+
+def test_group_by_prompt_batches_a_prompts_pairs_together_and_learns(tmp_path: Path) -> None:
+    from palate.reward.train import RewardTrainer
+
+    # 30 prompts × 4 replies (one with the marker): 6 pairs per prompt, 180 pairs, the 3 with
+    # the marker decided
+    rng = random.Random(1)
+    comps = []
+    for i in range(30):
+        replies = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))) for _ in range(4)]
+        replies[0] += " banana"
+        comps += [
+            Comparison(
+                prompt=f"Say something {i}", chosen=replies[a], rejected=replies[b], tie=a > 0
+            )  # only the marker reply is preferred; the others tie
+            for a in range(4)
+            for b in range(a + 1, 4)
+        ]
+    data = tmp_path / "grouped.jsonl"
+    write_jsonl(data, comps)
+    cfg = load_config(
+        RewardConfig,
+        None,
+        [
+            "model=tiny",
+            f"data={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_length=48",
+            "eval_fraction=0.2",
+            "split_by=prompt",
+            "train.group_by_prompt=true",
+            "train.batch_size=6",
+            "train.epochs=8",
+            "optim.lr=3e-3",
+            "precision=fp32",
+        ],
+    )
+    trainer = RewardTrainer(cfg)
+    order = trainer.batches(epoch=0)
+    assert sorted(order) == list(range(len(trainer.train_comps)))
+    prompts = [trainer.train_comps[j].prompt for j in order]
+    batches = [set(prompts[k : k + 6]) for k in range(0, len(prompts), 6)]
+    assert all(len(b) == 1 for b in batches)  # batch_size 6 = one prompt's pairs
+    assert trainer.batches(epoch=1) != order
+    summary = trainer.train()
+    assert summary["eval_accuracy"] >= 0.9, summary
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:

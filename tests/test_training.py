@@ -48,3 +48,16 @@ def test_store_frozen_linears_is_a_no_op_in_fp32(tiny) -> None:
     model = copy.deepcopy(model).requires_grad_(False)
     assert store_frozen_linears(model, "fp32") == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_grouped_order_keeps_each_key_together_and_is_seeded() -> None:
+    from palate.training import grouped_order
+
+    keys = ["a", "b", "a", "c", "b", "a", "c"]
+    order = grouped_order(keys, seed=3, epoch=0)
+    assert sorted(order) == list(range(7))
+    runs = [keys[i] for i in order]
+    # each key's items are consecutive: the key changes exactly twice
+    assert sum(x != y for x, y in zip(runs, runs[1:])) == 2
+    assert grouped_order(keys, seed=3, epoch=0) == order
+    assert {tuple(grouped_order(keys, seed=3, epoch=e)) for e in range(6)} != {tuple(order)}

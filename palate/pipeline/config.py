@@ -94,7 +94,11 @@ class PairSettings(Config):
         default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0),
         description="How the responses are sampled.",
     )
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Sequences generated together (on 2 CPU cores 64 samples ~1.4× as fast as 16).",
+    )
     budget: int | None = Field(
         None,
         ge=1,
@@ -223,7 +227,11 @@ class EvalSettings(Config):
     checkpoint_prompts: int = Field(
         32, ge=1, description="Held-out prompts used for each intermediate checkpoint."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Sequences generated together (on 2 CPU cores 64 samples ~1.4× as fast as 16).",
+    )
     seed: int = Field(0, description="Sampling seed (both policies see the same random stream).")
     xstest: str | None = Field(
         None,

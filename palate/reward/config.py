@@ -47,6 +47,14 @@ class RewardTrainSettings(TrainSettings):
     group_by_length: bool = Field(
         True, description="Batch pairs of similar length together (less padding, faster)."
     )
+    group_by_prompt: bool = Field(
+        False,
+        description="Batch each prompt's comparisons together (prompts shuffled, then the pairs "
+        "within each): a reply in several pairs of a batch is encoded once, so K replies to a "
+        "prompt cost K forwards instead of K(K-1). InstructGPT trained on all K-choose-2 "
+        "comparisons of a prompt as one batch element for this reason. Overrides "
+        "group_by_length.",
+    )
     eval_every: int = Field(
         0, ge=0, description="Evaluate every N steps as well as at each epoch end (0 = epochs)."
     )

@@ -276,7 +276,9 @@ class RewardModel:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         was = self.model.training
         self.model.eval()
-        enc = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        enc, where = unique_encodings(
+            [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        )  # each distinct sequence scored once; where: (N,) its row
         order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
         out = torch.empty(len(enc))
         try:
@@ -289,7 +291,7 @@ class RewardModel:
                     out[idx] = self.forward(batch).cpu()
         finally:
             self.model.train(was)
-        return out * self.gain + self.offset
+        return out[where] * self.gain + self.offset
 
 
 class RewardEnsemble:
@@ -434,13 +436,30 @@ def forward_pairs(
     The 2B sequences are sorted by length and run as ``chunks`` forwards, each padded only to
     its own longest sequence (:func:`palate.lm.in_length_groups`).
     """
-    items = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    # A reply in several pairs (K replies to a prompt make K(K-1)/2 pairs) is encoded once and
+    # its score shared: the same loss and gradients as encoding it in every pair.
+    items, where = unique_encodings([p.chosen for p in pairs] + [p.rejected for p in pairs])
 
     def forward(rows: torch.Tensor) -> tuple[torch.Tensor]:
         batch = rm.collate([items[i] for i in rows.tolist()])
         return (rm.forward({k: v.to(rm.device) for k, v in batch.items()}),)
 
     lengths = torch.tensor([len(e.input_ids) for e in items])
-    (scores,) = in_length_groups(forward, lengths, chunks)
-    assert scores is not None
+    (unique,) = in_length_groups(forward, lengths, chunks)  # (U,) one score per distinct sequence
+    assert unique is not None
+    scores = unique[where.to(unique.device)]  # (2B,)
     return scores[: len(pairs)], scores[len(pairs) :]
+
+
+def unique_encodings(items: Sequence[Encoded]) -> tuple[list[Encoded], torch.Tensor]:
+    """(the distinct sequences in first-seen order, (N,) index of each item among them)."""
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...] | None], int] = {}
+    unique: list[Encoded] = []
+    where = []
+    for e in items:
+        key = (tuple(e.input_ids), None if e.token_type_ids is None else tuple(e.token_type_ids))
+        if key not in seen:
+            seen[key] = len(unique)
+            unique.append(e)
+        where.append(seen[key])
+    return unique, torch.tensor(where, dtype=torch.long)

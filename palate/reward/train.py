@@ -38,6 +38,7 @@ from palate.training import (
     disable_dropout,
     epoch_order,
     freeze_bottom,
+    grouped_order,
     length_grouped_order,
     resolve_precision,
 )
@@ -160,8 +161,12 @@ class RewardTrainer(StepTrainer[RewardConfig]):
         return train_pairs, eval_pairs
 
     def batches(self, epoch: int) -> list[int]:
-        """The epoch's order of training pairs (similar lengths batched together by default)."""
+        """The epoch's order of training pairs (similar lengths batched together by default, or
+        each prompt's pairs together)."""
         cfg = self.cfg
+        if cfg.train.group_by_prompt:
+            prompts = [prompt_text(c.prompt) for c in self.train_comps]
+            return grouped_order(prompts, cfg.seed, epoch)
         if cfg.train.group_by_length:
             lengths = [p.length for p in self.train_pairs]
             return length_grouped_order(lengths, cfg.train.batch_size, cfg.seed, epoch)
