@@ -48,8 +48,10 @@ def select_pairs(
     probs: np.ndarray | None = None,
     random_share: float = 0.0,
     seed: int = 0,
-) -> list[int]:
-    """Indices of the ``budget`` pairs (of ``n_pairs`` candidates) to label, sorted.
+) -> dict[int, str]:
+    """The ``budget`` pairs (of ``n_pairs`` candidates) to label: index → why it was chosen
+    ("all" when the budget covers every pair, "random" for the uniform share, else ``method``),
+    in index order.
 
     ``probs``: (M, N) members' P(a ≻ b) (:func:`preference_probs`), needed by ``uncertainty``
     (uses the members' mean) and ``disagreement`` (their standard deviation; needs M ≥ 2).
@@ -58,19 +60,19 @@ def select_pairs(
     if not 0.0 <= random_share <= 1.0:
         raise ValueError(f"random_share {random_share}: expected 0 to 1")
     if budget >= n_pairs:
-        return list(range(n_pairs))
+        return dict.fromkeys(range(n_pairs), "all")
     rng = random.Random(seed)
     order = list(range(n_pairs))
     rng.shuffle(order)
     n_random = budget if method == "random" else round(budget * random_share)
-    chosen = order[:n_random]
+    chosen = dict.fromkeys(order[:n_random], "random")
     rest = order[n_random:]
     if n_random < budget:
         key = _priority(method, probs, n_pairs)  # (N,) higher = more useful to label
         # stable sort on the shuffled order: ties keep the random order
         rest = sorted(rest, key=lambda i: -key[i])
-        chosen += rest[: budget - n_random]
-    return sorted(chosen)
+        chosen.update(dict.fromkeys(rest[: budget - n_random], method))
+    return dict(sorted(chosen.items()))
 
 
 def _priority(method: Selection, probs: np.ndarray | None, n_pairs: int) -> np.ndarray:

@@ -19,8 +19,8 @@ def test_uncertainty_picks_the_pairs_nearest_one_half() -> None:
     # reward differences r_a − r_b: P = σ(Δ); nearest ½ are pairs 4 (Δ=0), 1 (Δ=0.1), 6 (Δ=−0.2)
     delta = np.array([3.0, 0.1, -2.5, 1.0, 0.0, -4.0, -0.2, 2.0])
     probs = preference_probs(delta[None, :], np.zeros((1, 8)))
-    assert select_pairs(8, 3, "uncertainty", probs=probs) == [1, 4, 6]
-    assert select_pairs(8, 1, "uncertainty", probs=probs) == [4]
+    assert list(select_pairs(8, 3, "uncertainty", probs=probs)) == [1, 4, 6]
+    assert list(select_pairs(8, 1, "uncertainty", probs=probs)) == [4]
 
 
 def test_disagreement_picks_the_ensembles_widest_spread() -> None:
@@ -31,8 +31,8 @@ def test_disagreement_picks_the_ensembles_widest_spread() -> None:
             [0.9, 0.5, 0.5, 0.5, 0.5],
         ]
     )
-    assert select_pairs(5, 1, "disagreement", probs=probs) == [2]
-    assert select_pairs(5, 2, "disagreement", probs=probs) == [2, 3]
+    assert list(select_pairs(5, 1, "disagreement", probs=probs)) == [2]
+    assert list(select_pairs(5, 2, "disagreement", probs=probs)) == [2, 3]
     with pytest.raises(ValueError, match="ensemble"):
         select_pairs(5, 2, "disagreement", probs=probs[:1])
 
@@ -47,9 +47,14 @@ def test_random_share_is_drawn_first_and_the_rest_by_the_rule() -> None:
     assert drawn <= set(chosen) and not drawn <= {0, 1, 2}  # (this seed draws elsewhere)
     # ... and the other half the two most uncertain left: 0 and 1 (|Δ| = 0.5)
     assert set(chosen) == drawn | {0, 1}
+    # each index says why it was chosen
+    assert chosen == {**dict.fromkeys(drawn, "random"), 0: "uncertainty", 1: "uncertainty"}
+    assert list(chosen) == sorted(chosen)
     rand = select_pairs(20, 4, "random", seed=3)
-    assert rand != [0, 1, 2, 3] and rand == select_pairs(20, 4, "random", seed=3)  # seeded
-    assert select_pairs(5, 9, "uncertainty", probs=probs[:, :5]) == [0, 1, 2, 3, 4]  # budget ≥ N
+    assert list(rand) != [0, 1, 2, 3] and rand == select_pairs(20, 4, "random", seed=3)  # seeded
+    assert set(rand.values()) == {"random"}
+    everything = select_pairs(5, 9, "uncertainty", probs=probs[:, :5])  # budget ≥ N
+    assert everything == dict.fromkeys(range(5), "all")
 
 
 def test_ties_are_not_broken_by_position() -> None:

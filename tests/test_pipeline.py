@@ -364,3 +364,31 @@ def test_reward_stage_normalises_on_fresh_policy_samples_when_pairs_differ(
     )
     norm = reward_config(Run(cfg)).normalize
     assert (norm.policy, norm.responses, norm.samples) == ("other", None, 9)
+
+
+def test_fields_added_later_keep_fingerprints_at_their_default() -> None:
+    """A field in LATER_FIELDS at its default leaves every stage's fingerprint as it was before
+    the field existed; set otherwise, it changes its stage and those after."""
+    from palate.pipeline.run import Run
+
+    base = ["output_dir=x", "prompts.file=p.jsonl"]
+
+    def prints(*sets: str) -> dict[str, str]:
+        return Run(load_config(RunConfig, None, [*base, *sets])).fingerprints
+
+    plain = prints()
+    assert prints("reward.train.group_by_prompt=false", "pairs.select=random") == plain
+    changed = prints("reward.train.group_by_prompt=true")
+    assert changed["pairs"] == plain["pairs"] and changed["labels"] == plain["labels"]
+    assert changed["reward"] != plain["reward"] and changed["ppo"] != plain["ppo"]
+    dumped = Run(load_config(RunConfig, None, base))._settings("reward")
+    assert "group_by_prompt" not in dumped["train"] and "group_by_length" in dumped["train"]
+    # nested deeper (eval.sycophancy.caa_items), and only at its default
+    syc = ["eval.sycophancy.truthfulqa_items=5"]
+    assert (
+        "caa_items"
+        not in Run(load_config(RunConfig, None, [*base, *syc]))._settings("eval")["eval"][
+            "sycophancy"
+        ]
+    )
+    assert prints(*syc, "eval.sycophancy.caa_items=4")["eval"] != prints(*syc)["eval"]

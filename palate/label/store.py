@@ -720,8 +720,9 @@ def _export_row(
     principles = sorted({lab.principle for lab in labs if lab.principle})
     if principles:
         meta["principles"] = principles
-    if pair.meta.get("criterion"):
-        meta["criterion"] = pair.meta["criterion"]
+    for key in ("criterion", "round", "selected_by"):  # from the pair's metadata (palate run)
+        if pair.meta.get(key) is not None:
+            meta[key] = pair.meta[key]
     return {
         "prompt": pair.prompt,
         "chosen": chosen,

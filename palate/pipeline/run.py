@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from palate.data import Prompt, prompt_json, prompt_text, read_records, write_jsonl
 from palate.errors import DataError
 from palate.label.people import PeopleSettings
@@ -30,31 +32,43 @@ class WaitingForLabels(Exception):
 
 
 # Fields added after runs existed, whose default keeps the old behaviour: left out of the
-# fingerprints while at their default, so a run made before them is not redone.
-LATER_FIELDS: dict[str, Any] = {
-    "init_adapter": None,  # ppo
-    "refusal_right": [],  # gold.rubric
-    "refusal_bonus": 1.0,  # gold.rubric
-    "budget": None,  # pairs
-    "select": "random",  # pairs
-    "random_share": 0.25,  # pairs
-    "length_bias_mean": 0.0,  # raters.panel
-    "caa_items": None,  # eval.sycophancy
-}
+# fingerprints while at their default, so a run made before them is not redone. Named by the
+# config class that declares them (a subclass's instances match too).
+LATER_FIELDS = frozenset(
+    {
+        "PPORecipe.init_adapter",
+        "GoldRubric.refusal_right",
+        "GoldRubric.refusal_bonus",
+        "PairSettings.budget",
+        "PairSettings.select",
+        "PairSettings.random_share",
+        "PanelConfig.length_bias_mean",
+        "SycophancySettings.caa_items",
+        "RewardTrainSettings.group_by_prompt",
+    }
+)
 
 
-def _drop_later(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {
-            k: _drop_later(v)
-            for k, v in d.items()
-            if not (k in LATER_FIELDS and v == LATER_FIELDS[k])
-        }
-    return d
+def _drop_later(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (``model.model_dump(mode="json")``) without the LATER_FIELDS at their
+    default, at any depth."""
+    owners = [c.__name__ for c in type(model).__mro__]
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if any(f"{o}.{name}" in LATER_FIELDS for o in owners):
+            if value == field.get_default(call_default_factory=True):
+                dumped.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _drop_later(value, dumped[name])
+        elif isinstance(value, list) and isinstance(dumped.get(name), list):
+            for m, d in zip(value, dumped[name], strict=False):
+                if isinstance(m, BaseModel) and isinstance(d, dict):
+                    _drop_later(m, d)
+    return dumped
 
 
 def _dump(model: Any) -> Any:
-    return _drop_later(model.model_dump(mode="json")) if model is not None else None
+    return _drop_later(model, model.model_dump(mode="json")) if model is not None else None
 
 
 class Run:

@@ -3,7 +3,6 @@ calls the library stage it names and returns its summary."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -94,22 +93,14 @@ def stage_pairs(run: Run, r: int = 0) -> dict[str, Any]:
     budget = cfg.budget or len(pairs)
     if budget < len(pairs) and method != "random":
         probs = candidate_probs(run, r - 1, pairs)  # (M, N) the last reward model's P(a ≻ b)
-    chosen = set(
-        select_pairs(
-            len(pairs),
-            budget,
-            method,
-            probs=probs,
-            random_share=cfg.random_share,
-            seed=run.cfg.seed + r,
-        )
+    chosen = select_pairs(  # index → why: all, random, or the selection rule
+        len(pairs),
+        budget,
+        method,
+        probs=probs,
+        random_share=cfg.random_share,
+        seed=run.cfg.seed + r,
     )
-    # the randomly drawn share (the same seeded draw select_pairs makes first)
-    share = budget if method == "random" else round(budget * cfg.random_share)
-    drawn = set(select_pairs(len(pairs), share, "random", seed=run.cfg.seed + r))
-
-    def picked_by(i: int) -> str:
-        return "all" if budget >= len(pairs) else "random" if i in drawn else method
 
     rows = []
     for i, p in enumerate(pairs):
@@ -122,7 +113,7 @@ def stage_pairs(run: Run, r: int = 0) -> dict[str, Any]:
             "metadata": {
                 "criterion": criterion_of[prompt_text(p.prompt)],
                 **({"round": r} if r else {}),
-                **({"selected_by": picked_by(i)} if cfg.budget else {}),
+                **({"selected_by": chosen.get(i, "none")} if cfg.budget else {}),
                 **({"p_a": float(probs.mean(0)[i])} if probs is not None else {}),
             },
         }
@@ -461,17 +452,9 @@ def staleness(run: Run, r: int) -> dict[str, Any]:
     chosen = rm.score(prompts, [x["chosen"] for x in rows]).float()
     rejected = rm.score(prompts, [x["rejected"] for x in rows]).float()
     right = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    pairs = {
-        json.dumps([p["prompt"], p["response_a"], p["response_b"]], sort_keys=True): p
-        for p in read_jsonl(run.round_dir(r, "pairs") / "pairs.jsonl")
-    }
 
-    def drawn(x: dict[str, Any]) -> bool:
-        for a, b in ((x["chosen"], x["rejected"]), (x["rejected"], x["chosen"])):
-            p = pairs.get(json.dumps([x["prompt"], a, b], sort_keys=True))
-            if p is not None:
-                return p.get("metadata", {}).get("selected_by", "random") in ("random", "all")
-        return False
+    def drawn(x: dict[str, Any]) -> bool:  # the export carries the pair's selected_by
+        return x.get("metadata", {}).get("selected_by", "random") in ("random", "all")
 
     rand = [float(v) for v, x in zip(right.tolist(), rows, strict=True) if drawn(x)]
     return {
