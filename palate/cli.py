@@ -32,11 +32,13 @@ from palate.label.campaign import (
     LabelAccessConfig,
     LabelCreateConfig,
     LabelExportConfig,
+    LabelQualityConfig,
     LabelUserConfig,
     add_label_user,
     create_label_campaign,
     export_label_campaign,
     label_access,
+    label_quality,
 )
 from palate.pipeline import STAGES as RUN_STAGES
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
@@ -293,6 +295,13 @@ stage(
     "Export a campaign's labels as comparisons JSONL (soft labels, ties, raters).",
     label_app,
 )(export_label_campaign)
+stage(
+    "label quality",
+    LabelQualityConfig,
+    "Rater quality: gold accuracy, Dawid-Skene reliability, first-shown and too-fast shares, "
+    "flags; agreement within and between rater groups.",
+    label_app,
+)(label_quality)
 stage(
     "label user",
     LabelUserConfig,

@@ -239,13 +239,15 @@ def build_report(
     notes: str = "",
     alarms: Sequence[dict[str, Any]] = (),
     rounds: Sequence[dict[str, Any]] = (),
+    raters: dict[str, Any] | None = None,
 ) -> Path:
     """Write the report to ``path`` (atomically) and return it.
 
     ``checkpoints``: held-out evaluations along PPO ({update, kl, gold, proxy});
     ``rollouts``: gold and proxy means of PPO's own rollouts per update ({update, gold, proxy});
     ``stages``: each stage's summary (labels agreement, reward accuracy, PPO speed);
-    ``rounds``: one row per RLHF round when there are several (see ``_rounds``).
+    ``rounds``: one row per RLHF round when there are several (see ``_rounds``);
+    ``raters``: the labels stage's ``quality.json`` (reliability, flags, populations).
     """
     import matplotlib
 
@@ -259,10 +261,12 @@ def build_report(
         f'<p class="muted">{html.escape(notes)}</p>' if notes else "",
         "<h2>Result: final vs initial policy on held-out prompts</h2>",
         _win_table(summary),
+        _groups(summary.get("groups")),
         _xstest(summary.get("xstest")),
         _sycophancy(summary.get("sycophancy")),
         _overopt(summary.get("overopt")),
         _rounds(rounds),
+        _raters(raters),
         "<h2>Training</h2>",
         _alarms(alarms),
         _curves(ppo_metrics),
@@ -354,6 +358,94 @@ def _overopt(o: dict[str, Any] | None) -> str:
         "R(d) = d(α − β log d) (Gao et al. 2022). The gold peak (dotted) is where more "
         "optimisation against the proxy starts to hurt.</p>" + _img("overopt", fig) + table
     )
+
+
+def _groups(g: dict[str, Any] | None) -> str:
+    """Rater populations: the final policy's win rate under each group's gold, and each reward
+    model's agreement with each group's gold (final vs initial answers)."""
+    if not g:
+        return ""
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{_fmt(w['win_rate'])}</td>"
+        f"<td>[{_fmt(w['low'])}, {_fmt(w['high'])}]</td><td>{_fmt(w['gold_new'])}</td>"
+        f"<td>{_fmt(w['gold_old'])}</td></tr>"
+        for name, w in g.get("win_rates", {}).items()
+    )
+    groups = list(g.get("win_rates", {}))
+
+    def matrix(key: str, what: str) -> str:
+        if not g.get(key):
+            return ""
+        body = "".join(
+            f"<tr><th>{html.escape('the run’s' if rm == 'run' else rm + '’s')} reward model</th>"
+            + "".join(f"<td>{_fmt(a.get(x))}</td>" for x in groups)
+            + "</tr>"
+            for rm, a in g[key].items()
+        )
+        return (
+            f'<p class="muted">How often each reward model orders {what} as each group\'s gold '
+            f'does:</p><table class="wins" id="group-{key.replace("_", "-")}"><tr><th></th>'
+            + "".join(f"<th>{html.escape(x)}’s gold</th>" for x in groups)
+            + f"</tr>{body}</table>"
+        )
+
+    return (
+        "<h3>By rater group</h3>"
+        '<table class="wins" id="group-win-rates"><tr><th>gold of</th><th>win rate</th>'
+        f"<th>95% interval</th><th>mean final</th><th>mean initial</th></tr>{rows}</table>"
+        + matrix("held_out_agreement", "the held-out labelled pairs")
+        + matrix("reward_agreement", "the final and initial answers")
+    )
+
+
+def _raters(quality: dict[str, Any] | None) -> str:
+    """Per campaign: each rater's reliability and quality flags (palate/label/quality.py), and
+    agreement within and between rater groups."""
+    if not quality:
+        return ""
+    parts = ["<h2>Raters</h2>"]
+    for name, q in quality.items():
+        flagged = ", ".join(q.get("flagged") or []) or "none"
+        dropped = "left out of the reward model" if q.get("dropped") else "kept"
+        parts.append(
+            f'<p class="muted">{html.escape(name)}: votes aggregated by '
+            f"{html.escape(str(q.get('aggregate', 'majority')))}; flagged: "
+            f"{html.escape(flagged)} ({dropped}).</p>"
+        )
+        head = (
+            "<tr><th>rater</th><th>attributes</th><th>labels</th><th>reliability</th>"
+            "<th>informative</th><th>first shown</th><th>too fast</th><th>gold accuracy</th>"
+            "<th>flags</th></tr>"
+        )
+        rows = []
+        for r in q.get("raters", []):
+            attrs = ", ".join(f"{k}={v}" for k, v in (r.get("attributes") or {}).items())
+            rows.append(
+                f"<tr><td>{html.escape(str(r['rater']))}</td><td>{html.escape(attrs)}</td>"
+                f"<td>{r['labels']}</td><td>{_fmt(r.get('reliability'))}</td>"
+                f"<td>{_fmt(r.get('informativeness'))}</td><td>{_fmt(r.get('first_share'))}</td>"
+                f"<td>{_fmt(r.get('fast_share'))}</td><td>{_fmt(r.get('gold_accuracy'))}</td>"
+                f"<td>{html.escape(', '.join(r.get('quality_flags') or []) or '–')}</td></tr>"
+            )
+        parts.append(f'<table class="wins">{head}{"".join(rows)}</table>')
+        for key, pop in (q.get("populations") or {}).items():
+            grows = "".join(
+                f"<tr><td>{html.escape(g)}</td><td>{v['labels']}</td>"
+                f"<td>{_fmt(v['agreement_within'])}</td></tr>"
+                for g, v in pop["groups"].items()
+            )
+            parts.append(
+                f"<h3>Raters by {html.escape(key)}</h3>"
+                f'<table class="wins"><tr><th>{html.escape(key)}</th><th>labels</th>'
+                f"<th>agreement within</th></tr>{grows}</table>"
+            )
+            for b in pop["between"]:
+                parts.append(
+                    f'<p class="muted">{html.escape(b["groups"][0])} vs '
+                    f"{html.escape(b['groups'][1])}: agreement {_fmt(b['agreement'])} on "
+                    f"{b['shared_pairs']} shared pairs, mean gap in P(a) {_fmt(b['mean_gap'])}.</p>"
+                )
+    return "".join(parts)
 
 
 def _rounds(rounds: Sequence[dict[str, Any]]) -> str:
@@ -474,6 +566,7 @@ _STAGE_KEYS = {
         "labels",
         "pairwise_agreement",
         "krippendorff_alpha",
+        "flagged",
         "sources",
         "campaigns",
     ),

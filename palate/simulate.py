@@ -193,6 +193,28 @@ class PanelConfig(Config):
         0.0, ge=0, description="Answer 'tie' when |g_A − g_B| is below this (and ties allowed)."
     )
     seed: int = Field(0, description="Seed of the raters' biases and choices.")
+    random_raters: int = Field(
+        0,
+        ge=0,
+        description="Extra raters who click at random, fast (`sim-random-N`): what rater-quality "
+        "checks must catch.",
+    )
+    first_raters: int = Field(
+        0,
+        ge=0,
+        description="Extra raters who always pick the response shown first, fast (`sim-first-N`).",
+    )
+    words_per_second: float = Field(
+        4.0,
+        gt=0,
+        description="Reading speed of the careful raters: each label's recorded time is the "
+        "words of prompt and both responses at this speed, times a log-normal factor (σ 0.3); "
+        "the random and first-side raters take 1-3 s.",
+    )
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Attributes every rater of this panel carries (e.g. {group: north}).",
+    )
 
 
 class GoldConfig(Config):
@@ -246,19 +268,34 @@ def choose(
 
 
 def label_with_panel(
-    db_url: str, campaign: str, cfg: PanelConfig, gold: ScoreFn | None = None
+    db_url: str,
+    campaign: str,
+    cfg: PanelConfig,
+    gold: ScoreFn | None = None,
+    prefix: str = "sim",
 ) -> dict[str, Any]:
     """Label ``campaign`` with a simulated panel through the labeling store (same assignment
-    path as people); raters are created as users ``sim-0`` … if missing. ``gold`` scores
-    responses (default: the default :class:`GoldRubric`)."""
+    path as people); raters are created as users ``sim-0`` … (``prefix``-0 …) if missing, then
+    ``sim-random-0`` … and ``sim-first-0`` … for the spammers the config asks for. ``gold``
+    scores responses (default: the default :class:`GoldRubric`). Each label records a simulated
+    time (:attr:`PanelConfig.words_per_second`)."""
     from sqlalchemy import select
 
     from palate.errors import ConfigError
     from palate.label.db import Campaign, Pair, User, open_db
-    from palate.label.store import LabelIn, create_user, flip, next_assignment, submit_label
+    from palate.label.quality import _words as words_read
+    from palate.label.store import (
+        LabelIn,
+        create_user,
+        flip,
+        next_assignment,
+        set_attributes,
+        submit_label,
+    )
 
     gold = gold or gold_scorer()
     rng = random.Random(cfg.seed)
+    clock = random.Random(cfg.seed + 1_000_003)  # times: not drawn from the choices' stream
     factory = open_db(db_url)
     n = 0
     with factory() as db:
@@ -272,26 +309,45 @@ def label_with_panel(
             p.id: (float(a), float(b), len(_words(p.response_a)) - len(_words(p.response_b)))
             for p, a, b in zip(pairs, g_a, g_b, strict=True)
         }
-        raters: list[tuple[User, float]] = []
+        load = {
+            p.id: words_read(p.prompt) + words_read(p.response_a) + words_read(p.response_b)
+            for p in pairs
+        }
+
+        def user(name: str) -> User:
+            u = db.scalar(select(User).where(User.name == name))
+            if u is None:
+                u = create_user(db, name, kind="simulated", attributes=cfg.attributes)[0]
+            elif cfg.attributes and (u.attributes or {}) != cfg.attributes:
+                set_attributes(db, u, cfg.attributes)
+            return u
+
+        # (user, length bias, behaviour): careful raters first, then the spammers
+        raters: list[tuple[User, float, str]] = []
         for i in range(cfg.raters):
-            name = f"sim-{i}"
-            user = (
-                db.scalar(select(User).where(User.name == name))
-                or create_user(db, name, kind="simulated")[0]
-            )
             own = rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0
-            raters.append((user, cfg.length_bias_mean + own))
+            raters.append((user(f"{prefix}-{i}"), cfg.length_bias_mean + own, "careful"))
+        raters += [(user(f"{prefix}-random-{i}"), 0.0, "random") for i in range(cfg.random_raters)]
+        raters += [(user(f"{prefix}-first-{i}"), 0.0, "first") for i in range(cfg.first_raters)]
         active = list(raters)
         while active:
-            for user, bias in list(active):
-                a = next_assignment(db, camp, user, rng)
+            for rater in list(active):
+                u, bias, behaviour = rater
+                a = next_assignment(db, camp, u, rng)
                 if a is None:
-                    active.remove((user, bias))
+                    active.remove(rater)
                     continue
                 ga, gb, dlen = scored[a.pair_id]
-                ans = choose(ga, gb, dlen, bias, cfg, rng)
-                if ans == "tie" and "tie" not in camp.answers:
-                    ans = "a" if ga >= gb else "b"
-                submit_label(db, a, user, LabelIn(answer=flip(ans, a.swapped)))
+                if behaviour == "careful":
+                    ans = choose(ga, gb, dlen, bias, cfg, rng)
+                    if ans == "tie" and "tie" not in camp.answers:
+                        ans = "a" if ga >= gb else "b"
+                    shown = flip(ans, a.swapped)
+                    seconds = load[a.pair_id] / cfg.words_per_second
+                    seconds *= math.exp(clock.gauss(0.0, 0.3))
+                else:
+                    shown = "a" if behaviour == "first" else rng.choice("ab")
+                    seconds = clock.uniform(1.0, 3.0)
+                submit_label(db, a, u, LabelIn(answer=shown, seconds=round(seconds, 2)))
                 n += 1
-    return {"campaign": campaign, "labels": n, "raters": cfg.raters}
+    return {"campaign": campaign, "labels": n, "raters": len(raters)}

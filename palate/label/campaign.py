@@ -22,6 +22,7 @@ from palate.data import (
 )
 from palate.errors import ConfigError, DataError
 from palate.label.db import ANSWERS, Answer, Campaign, open_db
+from palate.label.quality import QualitySettings
 from palate.label.store import (
     MAX_OVERLAP,
     PairIn,
@@ -222,23 +223,76 @@ class LabelExportConfig(Config):
     output: str = Field(
         description="Comparisons JSONL to write (what `palate reward train` reads)."
     )
+    aggregate: Literal["majority", "reliability"] = Field(
+        "majority",
+        description="A pair's label: the vote fraction (majority), or the Dawid-Skene "
+        "posterior with each rater weighted by their estimated reliability.",
+    )
+    drop_flagged: bool = Field(
+        False, description="Leave out the raters the quality checks flag (`palate label quality`)."
+    )
+    quality: QualitySettings = Field(
+        default_factory=QualitySettings, description="When a rater is flagged."
+    )
+
+
+def _campaign(db: Any, cfg_db: str, name: str) -> Campaign:
+    from sqlalchemy import select
+
+    camp = db.scalar(select(Campaign).where(Campaign.name == name))
+    if camp is None:
+        raise ConfigError(f"{cfg_db}: no campaign named {name!r}")
+    return camp
 
 
 def export_label_campaign(cfg: LabelExportConfig) -> dict[str, Any]:
-    from sqlalchemy import select
+    from palate.label.quality import flagged_raters
 
     factory = open_db(cfg.db)
     with factory() as db:
-        camp = db.scalar(select(Campaign).where(Campaign.name == cfg.campaign))
-        if camp is None:
-            raise ConfigError(f"{cfg.db}: no campaign named {cfg.campaign!r}")
-        rows = export_rows(db, camp)
+        camp = _campaign(db, cfg.db, cfg.campaign)
+        drop = flagged_raters(db, [camp.id], cfg.quality) if cfg.drop_flagged else []
+        rows = export_rows(db, camp, aggregate=cfg.aggregate, drop_raters=drop)
     write_jsonl(cfg.output, rows)
     return {
         "stage": "label-export",
         "campaign": cfg.campaign,
         "comparisons": len(rows),
+        "aggregate": cfg.aggregate,
+        "dropped_raters": drop,
         "output": cfg.output,
+    }
+
+
+class LabelQualityConfig(Config):
+    """Config for ``palate label quality``."""
+
+    db: str = Field(description="Database URL or SQLite file path.")
+    campaign: str = Field(description="Campaign name.")
+    quality: QualitySettings = Field(
+        default_factory=QualitySettings, description="When a rater is flagged."
+    )
+
+
+def label_quality(cfg: LabelQualityConfig) -> dict[str, Any]:
+    """Each rater's gold accuracy, Dawid-Skene reliability, side and speed shares, flags; and
+    the rater populations (agreement within and between groups of each attribute)."""
+    from palate.label.quality import group_stats, label_rows, rater_attributes, rater_quality
+
+    factory = open_db(cfg.db)
+    with factory() as db:
+        camp = _campaign(db, cfg.db, cfg.campaign)
+        rows = label_rows(db, [camp.id])
+        attributes = rater_attributes(db)
+    quality = rater_quality(rows, cfg.quality, attributes)
+    raters = {r: attributes.get(r, {}) for r in quality}
+    return {
+        "stage": "label-quality",
+        "campaign": cfg.campaign,
+        "labels": len(rows),
+        "flagged": sorted(r for r, q in quality.items() if q.flags),
+        "raters": [q.as_dict() | {"attributes": raters[r]} for r, q in quality.items()],
+        "populations": group_stats(rows, raters),
     }
 
 
@@ -249,16 +303,24 @@ class LabelUserConfig(Config):
     name: str = Field(description="User name (unique).")
     role: Literal["rater", "admin"] = Field("rater", description="rater or admin.")
     password: str | None = Field(None, description="Password (else log in with the invite link).")
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="What you record about the rater, e.g. {region: EU, language: de} (the "
+        "dashboard compares groups by each attribute).",
+    )
 
 
 def add_label_user(cfg: LabelUserConfig) -> dict[str, Any]:
     factory = open_db(cfg.db)
     with factory() as db:
-        user, invite, api = create_user(db, cfg.name, cfg.role, cfg.password)
+        user, invite, api = create_user(
+            db, cfg.name, cfg.role, cfg.password, attributes=cfg.attributes
+        )
     return {
         "stage": "label-user",
         "name": user.name,
         "role": user.role,
+        "attributes": user.attributes,
         "invite_path": f"/invite/{invite}",
         "api_token": api,
     }

@@ -77,13 +77,15 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(120), unique=True)
     role: Mapped[str] = mapped_column(String(16))  # admin | rater
     password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    # the invite link's token, hashed (sha256); null once revoked
+    # the invite link's token, hashed (sha256); a revoked link keeps its hash with no expiry
     invite_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
     invite_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     api_token_hash: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)  # False: no sign-in, no API
     # who labels: a person (human), an AI judge (ai: named ai:<model>) or the simulated panel
     kind: Mapped[str] = mapped_column(String(16), default="human")
+    # what an admin records about the rater (e.g. region, language, expertise): str → str
+    attributes: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

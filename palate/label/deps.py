@@ -137,6 +137,21 @@ def attachment(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def export_body(db: Session, campaign: Campaign) -> str:
-    """The campaign's comparisons as JSONL."""
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in export_rows(db, campaign))
+def export_body(
+    db: Session, campaign: Campaign, aggregate: str = "majority", drop_flagged: bool = False
+) -> str:
+    """The campaign's comparisons as JSONL: votes by majority, or weighted by each rater's
+    estimated reliability (``aggregate="reliability"``); ``drop_flagged`` leaves out the
+    raters the quality checks flag (:mod:`palate.label.quality`)."""
+    from palate.errors import ConfigError
+
+    drop: list[str] = []
+    if drop_flagged:
+        from palate.label.quality import flagged_raters
+
+        drop = flagged_raters(db, [campaign.id])
+    try:
+        rows = export_rows(db, campaign, aggregate=aggregate, drop_raters=drop)
+    except ConfigError as err:
+        raise HTTPException(status_code=400, detail=str(err)) from err
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

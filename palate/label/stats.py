@@ -1,5 +1,6 @@
 """Dashboard numbers: progress, speed, agreement (Krippendorff's alpha via ``krippendorff``),
-each rater's agreement with the majority, gold accuracy, flags."""
+each rater's agreement with the majority, gold accuracy, reliability and quality flags
+(:mod:`palate.label.quality`), and rater populations (agreement within and between groups)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from palate.label.db import ANSWERS, Campaign, Label, Pair, User
+from palate.label.quality import QualitySettings, group_stats, label_rows, rater_quality
 
 
-def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
+def campaign_stats(
+    db: Session, campaign: Campaign, quality: QualitySettings | None = None
+) -> dict[str, Any]:
     pairs = {p.id: p for p in db.scalars(select(Pair).where(Pair.campaign_id == campaign.id))}
     labels = list(db.scalars(select(Label).where(Label.pair_id.in_(list(pairs) or [-1]))))
     users = list(db.scalars(select(User)))
@@ -72,6 +76,11 @@ def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
             "majority_agreement": maj_hits / maj_n if maj_n else None,
             "gold_accuracy": gold_hits / gold_n if gold_n else None,
         }
+    rows = label_rows(db, [campaign.id])
+    attributes = {u.name: dict(u.attributes or {}) for u in users}
+    for r, q in zip(raters, _quality(rows, names, raters, quality, attributes), strict=True):
+        per_rater[r].update(q)
+        per_rater[r]["attributes"] = attributes.get(names.get(r, ""), {})
     secs_all = [lab.seconds for lab in labels if lab.seconds is not None]
     return {
         "campaign": campaign.name,
@@ -85,6 +94,10 @@ def campaign_stats(db: Session, campaign: Campaign) -> dict[str, Any]:
         "answers": dict(Counter(lab.answer for lab in labels)),
         "flags": dict(Counter(f for lab in labels for f in lab.flags)),
         "raters": list(per_rater.values()),
+        "flagged": sorted(q["rater"] for q in per_rater.values() if q.get("quality_flags")),
+        "populations": group_stats(
+            rows, {names[r]: attributes.get(names[r], {}) for r in raters if r in names}
+        ),
         "sources": source_stats(by_pair, kinds),
         "ai_vs_human": ai_vs_human(by_pair, kinds),
     }
@@ -127,3 +140,25 @@ def ai_vs_human(by_pair: dict[int, list[Label]], kinds: dict[int, str]) -> dict[
             n += 1
             hits += answer == majority
     return {"pairs": n, "agreement": hits / n if n else None}
+
+
+def _quality(
+    rows: list[Any],
+    names: dict[int, str],
+    raters: list[int],
+    settings: QualitySettings | None,
+    attributes: dict[str, dict[str, str]],
+) -> list[dict[str, Any]]:
+    """Per rater (in ``raters``' order): Dawid-Skene reliability, informativeness, first-shown
+    share, too-fast share, quality flags."""
+    if not rows:
+        return [{} for _ in raters]
+    quality = rater_quality(rows, settings, attributes)
+    keys = ("reliability", "informativeness", "first_share", "fast_share")
+    out = []
+    for r in raters:
+        q = quality.get(names.get(r, str(r)))
+        d = {k: getattr(q, k) for k in keys} if q else {}
+        d["quality_flags"] = list(q.flags) if q else []
+        out.append(d)
+    return out

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import math
 import random
+import re
 import secrets
 import unicodedata
 from collections import Counter
@@ -113,10 +114,12 @@ def create_user(
     *,
     invite_ttl: dt.timedelta = INVITE_TTL,
     kind: str = "human",
+    attributes: dict[str, str] | None = None,
 ) -> tuple[User, str, str]:
     """A new user; returns (user, invite token, API token). Only hashes are stored: the tokens
     are shown once (re-issue them with :func:`issue_invite` / :func:`rotate_api_token`).
-    ``kind`` is who labels: ``human``, ``ai`` (a judge) or ``simulated`` (the panel)."""
+    ``kind`` is who labels: ``human``, ``ai`` (a judge) or ``simulated`` (the panel);
+    ``attributes`` what the admin records about them (:func:`clean_attributes`)."""
     if role not in ("admin", "rater"):
         raise ConfigError(f"role {role!r}: expected admin or rater")
     if kind not in SOURCES:
@@ -132,6 +135,7 @@ def create_user(
         api_token_hash=hash_token(api),
         active=True,
         kind=kind,
+        attributes=clean_attributes(attributes or {}),
     )
     db.add(user)
     db.flush()
@@ -148,8 +152,56 @@ def issue_invite(db: Session, user: User, ttl: dt.timedelta = INVITE_TTL) -> str
 
 
 def revoke_invite(db: Session, user: User) -> None:
-    """The user's invite link stops working (sessions it opened stay; see end_sessions)."""
-    user.invite_hash, user.invite_expires_at = None, None
+    """The user's invite link stops working (sessions it opened stay; see end_sessions). Its
+    hash is kept without an expiry, so the link says it was revoked (HTTP 403)."""
+    if user.invite_hash is not None:
+        user.invite_expires_at = None
+        db.commit()
+
+
+ATTRIBUTE_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
+MAX_ATTRIBUTES = 20
+
+
+def clean_attributes(attributes: dict[str, Any]) -> dict[str, str]:
+    """Rater attributes: at most 20, keys like ``region`` or ``native_language`` (a letter, then
+    letters, digits, ``_.-``; ≤ 40 characters), values non-empty text (≤ 100 characters)."""
+    if not isinstance(attributes, dict):
+        raise ConfigError("attributes: expected a mapping of name to value")
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise ConfigError(f"attributes: at most {MAX_ATTRIBUTES} (got {len(attributes)})")
+    out = {}
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not ATTRIBUTE_KEY.fullmatch(key):
+            raise ConfigError(
+                f"attribute name {key!r}: a letter, then letters, digits, '_', '.' or '-' "
+                "(at most 40 characters)"
+            )
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"attribute {key}: expected text, got {type(value).__name__}")
+        out[key] = clean_name(str(value), f"attribute {key}", 100)
+    return out
+
+
+def parse_attributes(text: str) -> dict[str, str]:
+    """``"region=EU, language=de"`` → ``{"region": "EU", "language": "de"}`` (the dashboard's
+    form); an empty text clears them."""
+    out: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"attributes: {part.strip()!r} is not name=value")
+        if key.strip() in out:
+            raise ConfigError(f"attributes: {key.strip()!r} given twice")
+        out[key.strip()] = value.strip()
+    return clean_attributes(out)
+
+
+def set_attributes(db: Session, user: User, attributes: dict[str, Any]) -> None:
+    """Replace the user's attributes (validated by :func:`clean_attributes`)."""
+    user.attributes = clean_attributes(attributes)
     db.commit()
 
 
@@ -205,14 +257,16 @@ def user_by_token(db: Session, token: str) -> User | None:
 
 
 def invite_status(db: Session, token: str) -> tuple[User | None, str]:
-    """(user, "ok") for a working invite link, else (None, why: unknown, expired, revoked or
-    inactive). Revoked and unknown links look the same (the hash is gone)."""
+    """(user, "ok") for a working invite link, else (None, why: unknown, expired, revoked,
+    inactive or password)."""
     user = db.scalar(select(User).where(User.invite_hash == hash_token(token)))
     if user is None:
         return None, "unknown"
     if not user.active:
         return None, "inactive"
-    if user.invite_expires_at is None or user.invite_expires_at <= utcnow():
+    if user.invite_expires_at is None:
+        return None, "revoked"
+    if user.invite_expires_at <= utcnow():
         return None, "expired"
     if user.password_hash is not None and user.role == "admin":
         return None, "password"  # an admin with a password signs in with it
@@ -663,14 +717,31 @@ def aggregate(answers: Iterable[str], probs: Sequence[float | None] = ()) -> dic
     }
 
 
+AGGREGATES = ("majority", "reliability")
+
+
 def export_rows(
-    db: Session, campaign: Campaign, sources: Sequence[str] | None = None
+    db: Session,
+    campaign: Campaign,
+    sources: Sequence[str] | None = None,
+    *,
+    aggregate: str = "majority",
+    drop_raters: Iterable[str] = (),
 ) -> list[dict[str, Any]]:
     """One comparison row per labelled pair and label source (human, ai, simulated; not all
     both-bad): chosen/rejected by majority, ``prob_chosen`` = the vote fraction (ties count
     half; an AI judge's soft label where it gave one), ``tie`` when ties win, raters, and
     ``source``. A pair labelled by people and by a judge gives one row each, so the reward
-    stage can weight or drop a source; ``sources`` keeps only those."""
+    stage can weight or drop a source; ``sources`` keeps only those.
+
+    ``aggregate="reliability"``: ``prob_chosen`` is the Dawid-Skene posterior instead, each
+    rater's vote weighted by their estimated reliability (:mod:`palate.label.quality`, fitted
+    per source). ``drop_raters``: these raters' labels are left out. Each row's
+    ``metadata.labels`` lists the votes: rater, their attributes, answer, strength, seconds,
+    comment."""
+    if aggregate not in AGGREGATES:
+        raise ConfigError(f"aggregate {aggregate!r}: expected one of {list(AGGREGATES)}")
+    drop = set(drop_raters)
     rows = []
     labels: dict[tuple[int, str], list[Label]] = {}
     users = {u.id: u for u in db.scalars(select(User))}
@@ -680,43 +751,77 @@ def export_rows(
         .where(Pair.campaign_id == campaign.id)
         .order_by(Label.id)
     ):
-        kind = users[lab.rater_id].kind
-        if sources is None or kind in sources:
-            labels.setdefault((lab.pair_id, kind), []).append(lab)
-    names = {uid: u.name for uid, u in users.items()}
+        user = users[lab.rater_id]
+        if (sources is None or user.kind in sources) and user.name not in drop:
+            labels.setdefault((lab.pair_id, user.kind), []).append(lab)
+    posterior: dict[str, dict[int, float]] = {}
+    if aggregate == "reliability":
+        from palate.label.quality import label_rows, weighted_votes
+
+        all_rows = label_rows(db, [campaign.id])
+        kind_of = {u.name: u.kind for u in users.values()}
+        for kind in SOURCES:
+            mine = [r for r in all_rows if kind_of.get(r.rater) == kind]
+            if mine and (sources is None or kind in sources):
+                posterior[kind] = weighted_votes(mine, drop=drop)
     for pair in db.scalars(select(Pair).where(Pair.campaign_id == campaign.id).order_by(Pair.id)):
         for kind in SOURCES:
             labs = labels.get((pair.id, kind), [])
             if labs:
-                row = _export_row(pair, labs, kind, campaign.name, names)
+                prob_a = posterior.get(kind, {}).get(pair.id)
+                row = _export_row(pair, labs, kind, campaign.name, users, prob_a)
                 if row is not None:
                     rows.append(row)
     return rows
 
 
 def _export_row(
-    pair: Pair, labs: list[Label], kind: str, campaign: str, names: dict[int, str]
+    pair: Pair,
+    labs: list[Label],
+    kind: str,
+    campaign: str,
+    users: dict[int, User],
+    prob_a: float | None = None,
 ) -> dict[str, Any] | None:
     agg = aggregate([lab.answer for lab in labs], [lab.prob for lab in labs])
     if agg["skip"]:
         return None
+    if prob_a is not None:  # reliability-weighted (Dawid-Skene posterior)
+        agg["prob_a"] = prob_a
     a_wins = agg["prob_a"] >= 0.5
     chosen, rejected = (
         (pair.response_a, pair.response_b) if a_wins else (pair.response_b, pair.response_a)
     )
     prob = agg["prob_a"] if a_wins else 1 - agg["prob_a"]
-    raters = [names.get(lab.rater_id, str(lab.rater_id)) for lab in labs]
+
+    def name(uid: int) -> str:
+        return users[uid].name if uid in users else str(uid)
+
+    raters = [name(lab.rater_id) for lab in labs]
+    votes = []
+    for lab in labs:
+        vote: dict[str, Any] = {"rater": name(lab.rater_id), "answer": lab.answer}
+        attrs = users[lab.rater_id].attributes if lab.rater_id in users else None
+        if attrs:
+            vote["attributes"] = attrs
+        for key in ("strength", "seconds", "comment"):
+            if getattr(lab, key):
+                vote[key] = getattr(lab, key)
+        votes.append(vote)
     meta: dict[str, Any] = {
         "campaign": campaign,
         "pair_id": pair.id,
         "votes": agg["votes"],
         "raters": raters,
+        "labels": votes,
         "flags": sorted({f for lab in labs for f in lab.flags}),
         "models": {
             "chosen": pair.source_a if a_wins else pair.source_b,
             "rejected": pair.source_b if a_wins else pair.source_a,
         },
     }
+    if prob_a is not None:
+        meta["aggregate"] = "reliability"
     principles = sorted({lab.principle for lab in labs if lab.principle})
     if principles:
         meta["principles"] = principles

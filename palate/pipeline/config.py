@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from palate.config import Config
 from palate.feedback.config import JudgeSettings
 from palate.label.people import PeopleSettings
+from palate.label.quality import QualitySettings
 from palate.overopt import OveroptSettings
 from palate.ppo.config import PPORecipe, RewardShaping
 from palate.reward.config import RewardRecipe
@@ -120,6 +121,22 @@ class PairSettings(Config):
     )
 
 
+class RaterGroup(Config):
+    """A population of simulated raters with its own taste (``raters.groups``)."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,39}$",
+        description="The group's name: its raters are `sim-<name>-0` …, with the attribute "
+        "`group: <name>`.",
+    )
+    panel: PanelConfig | None = Field(
+        None, description="The group's panel (default: raters.panel)."
+    )
+    gold: GoldConfig | None = Field(
+        None, description="The group's gold preference (default: the run's `gold`)."
+    )
+
+
 class RaterSettings(Config):
     """Who labels the pairs."""
 
@@ -150,6 +167,37 @@ class RaterSettings(Config):
     )
     people: PeopleSettings = Field(default_factory=PeopleSettings, description="People.")
     file: str | None = Field(None, description="kind=file: comparisons JSONL to train on.")
+    aggregate: Literal["majority", "reliability"] = Field(
+        "majority",
+        description="How a pair's votes become the reward model's label: the vote fraction "
+        "(majority), or the Dawid-Skene posterior, each rater weighted by their estimated "
+        "reliability (palate/label/quality.py).",
+    )
+    drop_flagged: bool = Field(
+        False,
+        description="Leave out the labels of raters the quality checks flag (random, "
+        "one_side, too_fast) before the reward model sees them.",
+    )
+    quality: QualitySettings = Field(
+        default_factory=QualitySettings,
+        description="When a rater is flagged (labels/quality.json and the report list them).",
+    )
+    groups: list[RaterGroup] = Field(
+        default_factory=list,
+        description="Rater populations (simulated): each group's panel labels every pair with "
+        "its own gold; the export carries each label's group, the report each group's "
+        "agreement and the trained policy's win rate under each group's gold.",
+    )
+    train_groups: list[str] | None = Field(
+        None,
+        description="Whose labels the run's reward model trains on (group names; default: "
+        "every group, pooled).",
+    )
+    per_group_reward: bool = Field(
+        False,
+        description="Also train one reward model per group (reward/groups/<name>); the "
+        "evaluation reports how well each reward model agrees with each group's gold.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RaterSettings:
@@ -157,8 +205,24 @@ class RaterSettings(Config):
             raise ValueError("raters.kind=file needs raters.file")
         if self.kind == "file" and self.routes:
             raise ValueError("raters.routes cannot be used with raters.kind=file")
+        names = [g.name for g in self.groups]
+        if self.groups:
+            if self.kind != "simulated" or self.routes:
+                raise ValueError(
+                    "raters.groups are simulated populations: use raters.kind simulated, "
+                    "without routes (for people, set rater attributes on the dashboard)"
+                )
+            if len(set(names)) != len(names):
+                raise ValueError(f"raters.groups: names must differ (got {names})")
+        unknown = sorted(set(self.train_groups or []) - set(names))
+        if unknown:
+            raise ValueError(f"raters.train_groups: no groups named {unknown} (groups: {names})")
+        if self.train_groups == []:
+            raise ValueError("raters.train_groups: name at least one group (or leave it out)")
+        if self.per_group_reward and not self.groups:
+            raise ValueError("raters.per_group_reward needs raters.groups")
         used = {self.kind, *self.routes.values()}
-        if "simulated" in used and self.overlap > self.panel.raters:
+        if "simulated" in used and not self.groups and self.overlap > self.panel.raters:
             raise ValueError("raters.overlap is larger than raters.panel.raters")
         if "people" in used and self.overlap > len(self.people.raters):
             raise ValueError("raters.overlap is larger than the number of raters.people.raters")

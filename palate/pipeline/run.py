@@ -45,6 +45,16 @@ LATER_FIELDS = frozenset(
         "PanelConfig.length_bias_mean",
         "SycophancySettings.caa_items",
         "RewardTrainSettings.group_by_prompt",
+        "RaterSettings.aggregate",
+        "RaterSettings.drop_flagged",
+        "RaterSettings.quality",
+        "PanelConfig.random_raters",
+        "PanelConfig.first_raters",
+        "PanelConfig.words_per_second",
+        "PanelConfig.attributes",
+        "RaterSettings.groups",
+        "RaterSettings.train_groups",
+        "RaterSettings.per_group_reward",
     }
 )
 
@@ -132,10 +142,15 @@ class Run:
         """The stage's folder (``RUN/<stage>``)."""
         return self.root / stage
 
-    def gold(self) -> Any:
+    def gold(self, group: str | None = None) -> Any:
         """The gold preference as a ScoreFn, knowing each prompt's criterion (a rubric may reward
-        refusals where refusing is right)."""
+        refusals where refusing is right); ``group``: that rater group's gold."""
         from palate.simulate import gold_scorer
+
+        gold = self.cfg.gold
+        for g in self.cfg.raters.groups:
+            if g.name == group and g.gold is not None:
+                gold = g.gold
 
         criteria = {}
         for name in ("train.jsonl", "eval.jsonl"):
@@ -143,7 +158,7 @@ class Run:
             if path.is_file():
                 for rec in read_records(path, "prompts").records:
                     criteria[prompt_text(rec.prompt)] = rec.metadata.get("criterion", "helpfulness")
-        return gold_scorer(self.cfg.gold, criteria)
+        return gold_scorer(gold, criteria)
 
     # ---------------------------------------------------------------- rounds
 

@@ -3,6 +3,7 @@ calls the library stage it names and returns its summary."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -257,6 +258,19 @@ def label_by_people(run: Run, factory: sessionmaker[Session], cid: int, name: st
     )
 
 
+def group_panels(run: Run) -> list[tuple[str, Any]]:
+    """(group name, its panel with the attribute ``group``) for ``raters.groups``; each
+    group's panel seeds differently (its seed + the group's index)."""
+    out = []
+    for i, g in enumerate(run.cfg.raters.groups):
+        panel = g.panel or run.cfg.raters.panel
+        update: dict[str, Any] = {"attributes": {**panel.attributes, "group": g.name}}
+        if g.panel is None:
+            update["seed"] = panel.seed + i
+        out.append((g.name, panel.model_copy(update=update)))
+    return out
+
+
 def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
     from palate.label.db import Campaign
     from palate.label.stats import campaign_stats
@@ -276,13 +290,21 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
         return summary
     rows: list[dict[str, Any]] = []
     campaigns: dict[str, Any] = {}
-    keep = ("labels", "pairwise_agreement", "krippendorff_alpha", "median_seconds")
+    quality: dict[str, Any] = {}  # per campaign: raters' reliability and flags, populations
+    keep = ("labels", "pairwise_agreement", "krippendorff_alpha", "median_seconds", "flagged")
+    groups = group_panels(run)
     for name, kind, criterion in campaign_plan(run, r):
-        factory, cid = run_campaign(run, name, criterion, 1 if kind == "judge" else None, r)
+        overlap = 1 if kind == "judge" else None
+        if groups:  # every rater of every group labels every pair
+            overlap = sum(p.raters + p.random_raters + p.first_raters for _, p in groups)
+        factory, cid = run_campaign(run, name, criterion, overlap, r)
         if kind == "simulated":
             from palate.simulate import label_with_panel
 
-            label_with_panel(run.db_url, name, raters.panel, run.gold())
+            plan: list[tuple[str | None, Any]] = [*groups] or [(None, raters.panel)]
+            for group, panel in plan:
+                prefix = f"sim-{group}" if group else "sim"
+                label_with_panel(run.db_url, name, panel, run.gold(group), prefix=prefix)
         elif kind == "judge":
             from palate.feedback import label_campaign, load_judge
 
@@ -294,8 +316,31 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
         with factory() as db:
             camp = db.get(Campaign, cid)
             assert camp is not None
-            rows += export_rows(db, camp)
-            stats = campaign_stats(db, camp)
+            settings = raters.quality
+            if groups and settings.within is None:  # reliability within each population
+                settings = settings.model_copy(update={"within": "group"})
+            stats = campaign_stats(db, camp, settings)
+            drop = stats["flagged"] if raters.drop_flagged else []
+            if not groups:
+                rows += export_rows(db, camp, aggregate=raters.aggregate, drop_raters=drop)
+            for group, _ in groups:  # one row per pair and group, marked with the group
+                others = [
+                    q["rater"]
+                    for q in stats["raters"]
+                    if (q.get("attributes") or {}).get("group") != group
+                ]
+                for row in export_rows(
+                    db, camp, aggregate=raters.aggregate, drop_raters=[*drop, *others]
+                ):
+                    row["metadata"]["group"] = group
+                    rows.append(row)
+        quality[name] = {
+            "flagged": stats["flagged"],
+            "dropped": drop,
+            "aggregate": raters.aggregate,
+            "raters": stats["raters"],
+            "populations": stats["populations"],
+        }
         campaigns[name] = {
             "raters": kind,
             "criterion": criterion,
@@ -304,6 +349,7 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
     if not rows:
         raise DataError(f"campaign {name!r}: no usable labels (all skipped or both bad)")
     write_jsonl(out, rows)
+    (d / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
     summary.update(db=run.db_url, comparisons=len(rows))
     if len(campaigns) == 1:
         summary.update(campaign=name, **{k: v for k, v in stats.items() if k in keep})
@@ -318,27 +364,83 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
 
 
 def stage_reward(run: Run, r: int = 0) -> dict[str, Any]:
+    """The reward model on every label so far (those of ``raters.train_groups`` when set);
+    with ``raters.per_group_reward``, one more per group, each on its own group's labels."""
     from palate.reward import train_reward
 
-    return train_reward(reward_config(run, r))
+    groups: dict[str, Any] = {}
+    if run.cfg.raters.per_group_reward:  # first: the pooled model's summary marks the stage done
+        for group, _ in group_panels(run):
+            done = RunDir(run.round_dir(r, "reward") / "groups" / group)
+            got = done.read_summary() if done.is_complete() else None
+            got = got or train_reward(reward_config(run, r, group))
+            groups[group] = {k: got.get(k) for k in ("train_pairs", "eval_accuracy")}
+    out = train_reward(reward_config(run, r))
+    if groups:
+        agreement = held_out_agreement(run, r)
+        for group, row in groups.items():
+            row["gold_agreement"] = agreement[group]
+        out["groups"] = groups
+        out["gold_agreement"] = agreement["run"]
+        RunDir(run.round_dir(r, "reward")).write_summary(out)
+    return out
 
 
-def comparisons_file(run: Run, r: int) -> Path:
+def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
+    """On the reward stage's held-out pairs (the same prompts for every reward model: the
+    split is by prompt, in first-seen order): for the run's reward model and each group's,
+    how often it orders the two responses as each group's gold does (gold ties left out)."""
+    import numpy as np
+
+    from palate.reward import load_reward_model
+
+    d = run.round_dir(r, "reward")
+    seen, prompts, first, second = set(), [], [], []
+    for row in read_jsonl(d / "heldout.jsonl"):
+        key = (prompt_text(row["prompt"]), *sorted((row["chosen"], row["rejected"])))
+        if key not in seen:
+            seen.add(key)
+            prompts.append(row["prompt"])
+            first.append(row["chosen"])
+            second.append(row["rejected"])
+    golds = {}
+    for group, _ in group_panels(run):
+        score = run.gold(group)
+        golds[group] = np.asarray(score(prompts, first)) - np.asarray(score(prompts, second))
+    out: dict[str, dict[str, float | None]] = {}
+    paths = {"run": d / "final", **{g: d / "groups" / g / "final" for g in golds}}
+    for name, path in paths.items():
+        rm = load_reward_model(path)
+        delta = (rm.score(prompts, first) - rm.score(prompts, second)).detach().float().numpy()
+        out[name] = {}
+        for group, dg in golds.items():
+            decided = dg != 0
+            same = np.sign(dg) == np.sign(delta)
+            out[name][group] = float(same[decided].mean()) if decided.any() else None
+    return out
+
+
+def comparisons_file(run: Run, r: int, group: str | None = None) -> Path:
     """The comparisons round r's reward model trains on: every round's labels so far (rounds
-    ≥ 1 concatenate them into ``round-r/labels/all.jsonl``)."""
-    if r == 0:
+    ≥ 1 concatenate them into ``round-r/labels/all.jsonl``); with rater groups, those of
+    ``raters.train_groups`` (or of ``group`` alone: ``groups/<group>.jsonl``)."""
+    keep = [group] if group else run.cfg.raters.train_groups
+    if r == 0 and keep is None:
         return run.dir("labels") / "comparisons.jsonl"
     rows = [
         row
         for k in range(r + 1)
         for row in read_jsonl(run.round_dir(k, "labels") / "comparisons.jsonl")
+        if keep is None or row.get("metadata", {}).get("group") in keep
     ]
-    path = run.round_dir(r, "labels") / "all.jsonl"
+    d = run.round_dir(r, "labels")
+    path = d / "groups" / f"{group}.jsonl" if group else d / ("all.jsonl" if r else "train.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
     return path
 
 
-def reward_config(run: Run, r: int = 0) -> RewardConfig:
+def reward_config(run: Run, r: int = 0, group: str | None = None) -> RewardConfig:
     """Round r's reward stage as a plain ``palate reward train`` config, on every label so far.
 
     Normalisation is on the round policy's samples with PPO's sampling settings: the pairs
@@ -358,7 +460,11 @@ def reward_config(run: Run, r: int = 0) -> RewardConfig:
                 norm["prompts"] = str(run.root / "prompts" / "train.jsonl")
             if "sampling" not in given:
                 norm["sampling"] = run.cfg.ppo.sampling.model_dump()
-    data.update(data=str(comparisons_file(run, r)), output_dir=str(run.round_dir(r, "reward")))
+    out = run.round_dir(r, "reward")
+    data.update(
+        data=str(comparisons_file(run, r, group)),
+        output_dir=str(out / "groups" / group if group else out),
+    )
     return RewardConfig.model_validate(data)
 
 
@@ -485,8 +591,11 @@ def stage_eval(run: Run) -> dict[str, Any]:
     sampling = cfg.sampling or run.cfg.ppo.sampling
     prompts = read_prompts(run.root / "prompts" / "eval.jsonl")
     gold = run.gold()
+    # the proxy: the reward model the final policy was optimised against (the last round's)
     proxy = load_score_fn(
-        RewardSource(model=str(run.dir("reward") / "final")), torch.device("cpu"), precision
+        RewardSource(model=str(run.round_dir(run.last_round, "reward") / "final")),
+        torch.device("cpu"),
+        precision,
     )
     assert isinstance(proxy, RewardModelScorer)
     for module in proxy.reward_model.modules():
@@ -568,6 +677,9 @@ def stage_eval(run: Run) -> dict[str, Any]:
     overopt = study_overopt(run, initial, tok, prompts, sampling, gold, proxy, points)
     lap("overopt")
     result = compare(new, old, seed=cfg.seed)
+    if run.cfg.raters.groups:
+        result["groups"] = group_eval(run, new, old, proxy, precision, cfg.seed)
+        lap("groups")
     d = run.dir("eval")
     write_jsonl(
         d / "samples.jsonl",
@@ -614,6 +726,59 @@ def stage_eval(run: Run) -> dict[str, Any]:
         summary["overopt"] = overopt
     RunDir(d).write_summary(summary)
     return summary
+
+
+def group_eval(
+    run: Run, new: Any, old: Any, proxy: Any, precision: str, seed: int
+) -> dict[str, Any]:
+    """Rater populations: the final policy's win rate over the initial one under each group's
+    gold, and how often each reward model (the run's, and with ``per_group_reward`` each
+    group's) orders the two answers as each group's gold does."""
+    import numpy as np
+    import torch
+
+    from palate.evaluate import pairwise_wins, win_rates
+    from palate.ppo import load_score_fn
+
+    prompts_new, prompts_old = new.samples.prompts, old.samples.prompts
+    out: dict[str, Any] = {"win_rates": {}, "reward_agreement": {}}
+    gold_delta = {}
+    for group, _ in group_panels(run):
+        score = run.gold(group)
+        a = np.asarray(score(prompts_new, new.samples.responses), dtype=float)
+        b = np.asarray(score(prompts_old, old.samples.responses), dtype=float)
+        gold_delta[group] = a - b
+        wr = win_rates(pairwise_wins(a, b), new.samples.lengths, old.samples.lengths, seed)
+        out["win_rates"][group] = {
+            "win_rate": wr["win_rate"],
+            "low": wr["low"],
+            "high": wr["high"],
+            "gold_new": float(a.mean()),
+            "gold_old": float(b.mean()),
+        }
+    models = {"run": proxy}
+    if run.cfg.raters.per_group_reward:
+        for group, _ in group_panels(run):
+            path = run.round_dir(run.last_round, "reward") / "groups" / group / "final"
+            models[group] = load_score_fn(
+                RewardSource(model=str(path)), torch.device("cpu"), precision
+            )
+    for name, model in models.items():
+        a = np.asarray(model(prompts_new, new.samples.responses), dtype=float)
+        b = np.asarray(model(prompts_old, old.samples.responses), dtype=float)
+        agree = {}
+        for group, dg in gold_delta.items():
+            decided = dg != 0
+            same = np.sign(dg) == np.sign(a - b)
+            agree[group] = float(same[decided].mean()) if decided.any() else None
+        out["reward_agreement"][name] = agree
+    reward = RunDir(run.round_dir(run.last_round, "reward")).read_summary()
+    if "gold_agreement" in reward:  # the same, on the reward stage's held-out labelled pairs
+        out["held_out_agreement"] = {
+            "run": reward["gold_agreement"],
+            **{g: v["gold_agreement"] for g, v in reward["groups"].items()},
+        }
+    return out
 
 
 def study_overopt(
@@ -683,10 +848,15 @@ def stage_report(run: Run) -> dict[str, Any]:
         notes=gold_note(run),
         alarms=alarms,
         rounds=round_rows(run, checkpoints) if run.cfg.rounds > 1 else [],
+        raters=_read_json(run.dir("labels") / "quality.json"),
     )
     out = {"stage": "report", "report": str(path)}
     RunDir(run.dir("report")).write_summary(out)
     return out
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def round_rows(run: Run, checkpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:

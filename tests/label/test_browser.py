@@ -98,6 +98,10 @@ def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
                 if shots and labelled == 0:
                     rater.screenshot(path=f"{shots}/rater-page.png", full_page=True)
                 rater.keyboard.press("1" if "banana" in left else "2")
+                if labelled == 0:  # the first label says how much better, and why
+                    rater.locator("#strength").get_by_label("clearly").check()
+                    rater.fill("textarea[name=comment]", "it mentions banana")
+                    rater.locator("#response-a").click()  # focus off the text box
                 with rater.expect_navigation():
                     rater.keyboard.press("Enter")
                 labelled += 1
@@ -119,11 +123,26 @@ def test_admin_and_rater_in_a_real_browser(tmp_path: Path) -> None:
             with admin.expect_navigation():
                 admin.click("#revoke-invite-2")
             stranger = browser.new_context().new_page()
-            assert stranger.goto(invite).status == 404
-            assert "not valid" in stranger.locator("#invite-problem").inner_text()
+            assert stranger.goto(invite).status == 403
+            assert "revoked" in stranger.locator("#invite-problem").inner_text()
 
             admin.goto(url + "/admin")
             assert "6 / 6 labels" in admin.locator("#campaign-1").inner_text()
+            # rater attributes, set on the dashboard, shown beside her quality numbers
+            form = admin.locator("#attributes-2")
+            form.locator("input[name=attributes]").fill("region=EU, language=de")
+            with admin.expect_navigation():
+                form.locator("button").click()
+            table = admin.locator("#raters-table-1")
+            assert "region=EU, language=de" in table.inner_text()
+            assert "reliability" in table.inner_text() and "first shown" in table.inner_text()
+            # one pair's labels side by side: her strength and reason are there
+            pages = [
+                admin.goto(f"{url}/admin/pairs/{pid}") and admin.content() for pid in range(1, 7)
+            ]
+            (page,) = [p for p in pages if "it mentions banana" in p]
+            assert "clearly" in page and "region=EU" in page
+            admin.goto(url + "/admin")
             if shots:
                 admin.screenshot(path=f"{shots}/dashboard.png", full_page=True)
             with admin.expect_download() as dl:

@@ -155,7 +155,11 @@ def test_invites_are_hashed_expire_and_can_be_revoked_and_reissued(env) -> None:
         db.commit()
         rita_id = rita.id
     r = TestClient(app).get(f"/invite/{ids['invite']}")
-    assert r.status_code == 410 and "expired" in r.text
+    assert r.status_code == 403 and "expired" in r.text
+    c = TestClient(app)
+    csrf = csrf_of(c.get("/login").text)
+    r = c.post(f"/invite/{ids['invite']}", data={"csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 403 and "expired" in r.text  # no sign-in by POST either
     a = admin_client(app)
     r = admin_post(a, f"/admin/users/{rita_id}/invite")
     dash = a.get("/admin").text
@@ -164,6 +168,10 @@ def test_invites_are_hashed_expire_and_can_be_revoked_and_reissued(env) -> None:
     c = sign_in_by_invite(app, new)
     assert c.get("/").status_code == 200
     admin_post(a, f"/admin/users/{rita_id}/revoke-invite")
+    r = TestClient(app).get(f"/invite/{new}")
+    assert r.status_code == 403 and "revoked" in r.text
+    # replaced (a newer link issued) rather than revoked: unknown
+    admin_post(a, f"/admin/users/{rita_id}/invite")
     r = TestClient(app).get(f"/invite/{new}")
     assert r.status_code == 404 and "not valid" in r.text
 

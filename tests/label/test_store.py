@@ -348,3 +348,16 @@ def test_sources_soft_labels_and_judge_vs_people_hand_computed(db) -> None:
         "p1": "human",
         "ai:judge": "ai",
     }
+
+
+def test_migrations_build_exactly_the_models_schema(db_url: str) -> None:
+    """Alembic's autogenerate finds nothing to change after every migration ran: a column added
+    to a model without its migration (or the reverse) fails here, on SQLite and PostgreSQL."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from palate.label.db import Base, open_db
+
+    with open_db(db_url)() as s:
+        diff = compare_metadata(MigrationContext.configure(s.connection()), Base.metadata)
+    assert diff == []

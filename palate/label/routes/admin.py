@@ -13,14 +13,14 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from palate.errors import PalateError
 from palate.label.campaign import parse_pairs
-from palate.label.db import Campaign, User, utcnow
+from palate.label.db import Assignment, Campaign, Label, Pair, User, utcnow
 from palate.label.deps import (
     DB,
     AdminUser,
@@ -39,7 +39,9 @@ from palate.label.store import (
     create_campaign,
     create_user,
     delete_campaign,
+    parse_attributes,
     release_assignments,
+    set_attributes,
     set_guidelines,
     set_raters,
     set_status,
@@ -145,6 +147,26 @@ def add_rater(
         )
 
     return _form(request, user, db, "add-rater", csrf, change)
+
+
+@router.post("/admin/users/{uid}/attributes")
+def user_attributes(
+    request: Request,
+    uid: Id,
+    user: AdminUser,
+    db: DB,
+    attributes: Annotated[str, Form(max_length=4000)] = "",
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    """Set a user's attributes from ``name=value, name=value`` (empty: none)."""
+    return _form(
+        request,
+        user,
+        db,
+        f"user-{uid}",
+        csrf,
+        lambda: set_attributes(db, _user_or_error(db, uid), parse_attributes(attributes)),
+    )
 
 
 @router.post("/admin/users/{uid}/{action}")
@@ -300,10 +322,36 @@ def campaign_delete(
 
 
 @router.get("/admin/campaigns/{cid}/export")
-def export(cid: Id, user: AdminUser, db: DB) -> Response:
+def export(
+    cid: Id,
+    user: AdminUser,
+    db: DB,
+    aggregate: Annotated[str, Query(max_length=20)] = "majority",
+    drop_flagged: bool = False,
+) -> Response:
+    """The comparisons JSONL; ``?aggregate=reliability`` weights votes by rater reliability,
+    ``&drop_flagged=true`` leaves out flagged raters."""
     campaign = campaign_or_404(db, cid)
     return Response(
-        export_body(db, campaign),
+        export_body(db, campaign, aggregate, drop_flagged),
         media_type="application/x-ndjson",
         headers={"Content-Disposition": attachment(f"{campaign.name}.jsonl")},
     )
+
+
+@router.get("/admin/pairs/{pid}", response_class=HTMLResponse)
+def pair_page(request: Request, pid: Id, user: AdminUser, db: DB) -> HTMLResponse:
+    """One pair's labels side by side: who (with their attributes), the answer in the pair's
+    orientation and in the order they saw it, strength, flags, time, reason."""
+    pair = db.get(Pair, pid)
+    if pair is None:
+        raise HTTPException(status_code=404, detail="no such pair")
+    campaign = db.get(Campaign, pair.campaign_id)
+    rows = db.execute(
+        select(Label, Assignment.swapped, User)
+        .join(Assignment, Assignment.id == Label.assignment_id)
+        .join(User, User.id == Label.rater_id)
+        .where(Label.pair_id == pair.id)
+        .order_by(Label.id)
+    ).all()
+    return render(request, "pair.html", user, pair=pair, campaign=campaign, rows=rows)

@@ -90,9 +90,10 @@ def login(
 INVITE_PROBLEMS = {
     "unknown": (
         404,
-        "This invite link is not valid: it was revoked, replaced by a newer one, or mistyped.",
+        "This invite link is not valid: it was replaced by a newer one, or mistyped.",
     ),
-    "expired": (410, "This invite link has expired."),
+    "expired": (403, "This invite link has expired: ask for a new one."),
+    "revoked": (403, "This invite link has been revoked."),
     "inactive": (403, "This account has been deactivated."),
     "password": (403, "This account signs in with its password, not an invite link."),
 }
