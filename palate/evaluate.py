@@ -49,8 +49,11 @@ __all__ = [
 def pairwise_wins(
     new: Sequence[float] | np.ndarray, old: Sequence[float] | np.ndarray
 ) -> np.ndarray:
-    """1 where ``new`` scores above ``old``, ½ on ties, else 0 (one per prompt)."""
+    """1 where ``new`` scores above ``old``, ½ on ties, else 0 (one per prompt). Scores of
+    different shapes are an error (numpy would broadcast them silently)."""
     a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"pairwise_wins needs scores of one shape (got {a.shape} and {b.shape})")
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
@@ -92,10 +95,9 @@ def win_rate(
 ) -> dict[str, float]:
     """Fraction of prompts where ``new`` scores above ``old`` (ties count half), with a
     percentile-bootstrap interval over prompts."""
-    a, b = np.asarray(new, dtype=float), np.asarray(old, dtype=float)
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError("win_rate needs two equal, non-empty score lists")
-    m = bootstrap_mean(pairwise_wins(a, b), confidence=confidence, resamples=resamples, seed=seed)
+    m = bootstrap_mean(
+        pairwise_wins(new, old), confidence=confidence, resamples=resamples, seed=seed
+    )
     return {"win_rate": m["mean"], "low": m["low"], "high": m["high"], "n": m["n"]}
 
 
@@ -309,8 +311,8 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
         a, b = getattr(new, name), getattr(old, name)
         if a is None or b is None:
             continue
-        if len(a) != len(b) or not len(a):
-            raise ValueError("win_rate needs two equal, non-empty score lists")
+        if not len(a):
+            raise ValueError("compare needs at least one prompt")
         wr = win_rates(pairwise_wins(a, b), new.samples.lengths, old.samples.lengths, seed)
         out.update(
             {

@@ -58,3 +58,16 @@ def test_compare_with_gold_and_proxy(tiny) -> None:
     # the same policy with the same seed: identical samples, every comparison a tie
     assert out["gold_win_rate"] == 0.5 and out["proxy_win_rate"] == 0.5
     assert out["kl"] == pytest.approx(0.0, abs=1e-6) and len(out["samples"]) == 3
+
+
+def test_scores_of_different_shapes_are_an_error_not_a_broadcast() -> None:
+    """[1, 2] against [0] would broadcast to two wins; it is refused, wherever it comes in."""
+    from palate.evaluate import pairwise_wins, win_rate
+
+    with pytest.raises(ValueError, match="one shape"):
+        pairwise_wins([1.0, 2.0], [0.0])
+    with pytest.raises(ValueError, match="one shape"):
+        win_rate([1.0, 2.0], [0.0])
+    with pytest.raises(ValueError, match="at least one"):
+        win_rate([], [])
+    assert pairwise_wins([1.0, 0.0, 2.0], [0.0, 0.0, 3.0]).tolist() == [1.0, 0.5, 0.0]

@@ -299,6 +299,8 @@ def test_attributes_strength_reason_and_time_round_trip_through_the_export(env) 
             "comment": "more on topic",
         }
     ]
+    dash = a.get("/admin").text  # her group appears in the populations section
+    assert "Raters by region" in dash and "Raters by language" in dash
     page = a.get(f"/admin/pairs/{row['metadata']['pair_id']}")
     assert page.status_code == 200
     assert "rita" in page.text and "region=EU" in page.text and "more on topic" in page.text
