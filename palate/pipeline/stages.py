@@ -395,10 +395,15 @@ def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
     from palate.reward import load_reward_model
 
     d = run.round_dir(r, "reward")
+    models = {"run": d, **{g: d / "groups" / g for g, _ in group_panels(run)}}
+    held = [
+        {prompt_text(x["prompt"]) for x in read_jsonl(m / "heldout.jsonl")} for m in models.values()
+    ]
+    common = set.intersection(*held)  # held out by every model (the same split, checked)
     seen, prompts, first, second = set(), [], [], []
     for row in read_jsonl(d / "heldout.jsonl"):
         key = (prompt_text(row["prompt"]), *sorted((row["chosen"], row["rejected"])))
-        if key not in seen:
+        if key[0] in common and key not in seen:
             seen.add(key)
             prompts.append(row["prompt"])
             first.append(row["chosen"])
@@ -408,9 +413,8 @@ def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
         score = run.gold(group)
         golds[group] = np.asarray(score(prompts, first)) - np.asarray(score(prompts, second))
     out: dict[str, dict[str, float | None]] = {}
-    paths = {"run": d / "final", **{g: d / "groups" / g / "final" for g in golds}}
-    for name, path in paths.items():
-        rm = load_reward_model(path)
+    for name, path in models.items():
+        rm = load_reward_model(path / "final")
         delta = (rm.score(prompts, first) - rm.score(prompts, second)).detach().float().numpy()
         out[name] = {}
         for group, dg in golds.items():
