@@ -110,6 +110,7 @@ EXAMPLE_COMMANDS = {
     "hh-reward": "reward train",
     "hybrid": "run",
     "people": "run",
+    "populations": "run",
     "ppo-hh": "ppo",
     "quickstart": "run",
     "sft-hh": "sft",
