@@ -57,6 +57,16 @@ def pairwise_wins(
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
 
+def order_agreement(
+    delta: Sequence[float] | np.ndarray, gold_delta: Sequence[float] | np.ndarray
+) -> float | None:
+    """How often score differences ``delta`` (e.g. a reward model's, answer x minus answer y)
+    have the sign of the gold's ``gold_delta``; pairs the gold ties are left out (None if all)."""
+    d, g = np.asarray(delta, dtype=float), np.asarray(gold_delta, dtype=float)
+    decided = g != 0
+    return float((np.sign(d) == np.sign(g))[decided].mean()) if decided.any() else None
+
+
 def bootstrap_mean(
     values: Sequence[float] | np.ndarray,
     *,
@@ -334,11 +344,8 @@ def compare(new: ScoredSamples, old: ScoredSamples, *, seed: int = 0) -> dict[st
     if None not in (new.gold, old.gold, new.proxy, old.proxy):
         dg = np.asarray(new.gold) - np.asarray(old.gold)
         dp = np.asarray(new.proxy) - np.asarray(old.proxy)
-        decided = dg != 0
         # how often the reward model orders the two answers as the gold does
-        out["proxy_gold_agreement"] = (
-            float((np.sign(dg) == np.sign(dp))[decided].mean()) if decided.any() else None
-        )
+        out["proxy_gold_agreement"] = order_agreement(dp, dg)
     samples = []
     for i, p in enumerate(new.samples.prompts):
         row: dict[str, Any] = {

@@ -392,6 +392,7 @@ def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
     how often it orders the two responses as each group's gold does (gold ties left out)."""
     import numpy as np
 
+    from palate.evaluate import order_agreement
     from palate.reward import load_reward_model
 
     d = run.round_dir(r, "reward")
@@ -416,11 +417,7 @@ def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
     for name, path in models.items():
         rm = load_reward_model(path / "final")
         delta = (rm.score(prompts, first) - rm.score(prompts, second)).detach().float().numpy()
-        out[name] = {}
-        for group, dg in golds.items():
-            decided = dg != 0
-            same = np.sign(dg) == np.sign(delta)
-            out[name][group] = float(same[decided].mean()) if decided.any() else None
+        out[name] = {group: order_agreement(delta, dg) for group, dg in golds.items()}
     return out
 
 
@@ -741,7 +738,7 @@ def group_eval(
     import numpy as np
     import torch
 
-    from palate.evaluate import pairwise_wins, win_rates
+    from palate.evaluate import order_agreement, pairwise_wins, win_rates
     from palate.ppo import load_score_fn
 
     prompts_new, prompts_old = new.samples.prompts, old.samples.prompts
@@ -770,12 +767,9 @@ def group_eval(
     for name, model in models.items():
         a = np.asarray(model(prompts_new, new.samples.responses), dtype=float)
         b = np.asarray(model(prompts_old, old.samples.responses), dtype=float)
-        agree = {}
-        for group, dg in gold_delta.items():
-            decided = dg != 0
-            same = np.sign(dg) == np.sign(a - b)
-            agree[group] = float(same[decided].mean()) if decided.any() else None
-        out["reward_agreement"][name] = agree
+        out["reward_agreement"][name] = {
+            group: order_agreement(a - b, dg) for group, dg in gold_delta.items()
+        }
     reward = RunDir(run.round_dir(run.last_round, "reward")).read_summary()
     if "gold_agreement" in reward:  # the same, on the reward stage's held-out labelled pairs
         out["held_out_agreement"] = {
