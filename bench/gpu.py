@@ -67,10 +67,14 @@ def about_25_words(prompts: list[Any], responses: list[str]) -> torch.Tensor:
 
 
 def build_policy(shape: str, tokenizer_dir: Path, out: Path) -> Path:
-    """A randomly initialised SmolLM2-shaped Llama saved with the tokenizer (fp32 weights)."""
+    """A randomly initialised SmolLM2-shaped Llama saved with the tokenizer (fp32 weights);
+    reused when ``out`` already holds one (``--policy-cache``)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from palate.models import ensure_pad_token
+
+    if (out / "config.json").is_file():
+        return out
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ensure_pad_token(tok)
@@ -85,7 +89,8 @@ def build_policy(shape: str, tokenizer_dir: Path, out: Path) -> Path:
         **SHAPES[shape],
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 1.7B: faster init
+        model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out, safe_serialization=True)
@@ -98,8 +103,11 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     from palate.data import PromptRecord, write_jsonl
     from palate.ppo import PPOConfig, PPOTrainer
 
-    policy = build_policy(shape, Path(args.tokenizer), work / shape / "policy")
+    torch._dynamo.reset()  # each shape compiles afresh (a new process would too)
+    cache = Path(args.policy_cache) if args.policy_cache else work
+    policy = build_policy(shape, Path(args.tokenizer), cache / shape / "policy")
     prompts = [f"{a} {t}." for a in ASKS for t in TOPICS]
+    prompts = [prompts[i % len(prompts)] for i in range(max(len(prompts), args.batch_size))]
     write_jsonl(work / shape / "prompts.jsonl", [PromptRecord(prompt=p) for p in prompts])
     cfg = load_config(
         PPOConfig,
@@ -119,6 +127,7 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
             f"ppo.updates={args.updates + 1}",
             "checkpoint_every=1000",
             "sample_every=1000",
+            *args.set,
         ],
     )
     trainer = PPOTrainer(cfg, score_fn=about_25_words)
@@ -137,7 +146,9 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
 
     trainer.engine.generate = timed_generate  # type: ignore[method-assign]
     batch = trainer.prompts[: args.batch_size]
-    trainer.step(batch)  # warm-up
+    t_warm = time.perf_counter()
+    trainer.step(batch)  # warm-up (and compilation, where on)
+    warmup = time.perf_counter() - t_warm
     gen_seconds[0], gen_tokens[0] = 0.0, 0
     rows, t0 = [], time.perf_counter()
     for _ in range(args.updates):
@@ -147,7 +158,10 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     rollout = sum(r["timing/rollout"] for r in rows)
     update = sum(r["timing/update"] for r in rows)
     return {
+        "label": args.label,
         "shape": shape,
+        "settings": args.set,
+        "warmup_s": warmup,
         "device": torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
         "precision": trainer.precision,
         "episodes_per_s": args.updates * args.batch_size / seconds,
@@ -171,7 +185,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--updates", type=int, default=3, help="timed updates after the warm-up")
+    ap.add_argument("--label", default="", help="names this run in the output")
+    ap.add_argument(
+        "--set", action="append", default=[], help="extra config override KEY=VALUE (repeat)"
+    )
+    ap.add_argument("--policy-cache", help="build the random policies here once, reuse after")
+    ap.add_argument(
+        "--palate", help="import palate from this directory (e.g. .gpu/before: older code)"
+    )
     args = ap.parse_args()
+    if args.palate:
+        sys.path.insert(0, str(Path(args.palate).resolve()))
     if not (Path(args.tokenizer) / "tokenizer.json").is_file():
         raise SystemExit(
             f"{args.tokenizer}: no tokenizer.json. Run bench/gpu_prepare.sh first (it saves "
@@ -181,16 +205,22 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))  # reward.function=gpu:about_25_words
     work = Path(tempfile.mkdtemp(prefix="palate-gpu-"))
     results = [run_shape(s, args, work) for s in args.shapes.split(",")]
-    print(f"{'shape':>6} {'eps/s':>8} {'gen tok/s':>10} {'update share':>13} {'device'}")
+    print(
+        f"{'label':>12} {'shape':>6} {'eps/s':>8} {'gen tok/s':>10} {'update share':>13} "
+        f"{'rollout s':>9} {'update s':>8} {'warm-up s':>9} {'device'}"
+    )
     for r in results:
         print(
-            f"{r['shape']:>6} {r['episodes_per_s']:8.2f} {r['generation_tokens_per_s']:10.0f} "
-            f"{r['update_share']:13.2f} {r['device']}"
+            f"{r['label']:>12} {r['shape']:>6} {r['episodes_per_s']:8.2f} "
+            f"{r['generation_tokens_per_s']:10.0f} {r['update_share']:13.2f} "
+            f"{r['rollout_s_per_update']:9.2f} {r['update_s_per_update']:8.2f} "
+            f"{r['warmup_s']:9.1f} {r['device']}"
         )
     for r in results:
         print(json.dumps(r))
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "gpu.json").write_text(json.dumps(results, indent=2))
+        with Path(os.environ["OUT"], "gpu.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
 
 
 if __name__ == "__main__":

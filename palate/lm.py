@@ -85,9 +85,11 @@ def selected_logits(
     base = base_model(model)
     if fast and plain_lm_head(base) and hasattr(base, "get_decoder"):
         decoder = base.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         return base.get_output_embeddings()(hidden[positions])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return logits[positions]
 
 
@@ -148,7 +150,10 @@ def _head_states_and_logits(
     positions = position_ids(attention_mask)
     if plain_lm_head(base):
         h = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=False,  # no KV cache to build (and no cache index for compiled layers)
         ).last_hidden_state
         h = h[:, start : start + length]  # (B, T, H)
         return h, fp32_head(base.get_output_embeddings(), h)
@@ -165,6 +170,7 @@ def _head_states_and_logits(
                 attention_mask=attention_mask,
                 position_ids=positions,
                 logits_to_keep=keep,
+                use_cache=False,
             )
     finally:
         hook.remove()
@@ -239,8 +245,9 @@ def trimmed_by_prompt_length(
     zero where trimmed (always masked positions). Same maths as one call; the graph is kept.
     """
     T = input_ids.shape[1] - prompt_width
-    q_len = attention_mask[:, :prompt_width].sum(1)
-    r_len = attention_mask[:, prompt_width:].sum(1).clamp(min=1)
+    # both lengths read to the host at once: one wait for the device, not one per group
+    q_len, r_len = attention_mask[:, :prompt_width].sum(1), attention_mask[:, prompt_width:].sum(1)
+    q_len, r_len = torch.stack([q_len, r_len.clamp(min=1)]).cpu()
 
     def group(rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         lead, tail = prompt_width - int(q_len[rows].max()), int(r_len[rows].max())

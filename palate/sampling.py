@@ -11,6 +11,7 @@ faster engine (e.g. vLLM) would implement the same two methods.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from pydantic import Field
 
+from palate.compiling import eager_layers
 from palate.config import Config
 from palate.data import Prompt
 from palate.formatting import pad_batch, prompt_ids
@@ -165,10 +167,13 @@ def _sample(
     autocast_ctx: Any,
     pad: int,
     eos: int,
+    static_cache: bool = False,
 ) -> torch.Tensor:
     greedy = s.temperature == 0
     model.eval()
-    with torch.no_grad(), autocast_ctx, plain_generation_config(model):
+    # a static KV cache: on a GPU ``generate`` compiles its decoding step (CUDA graphs)
+    extra = {"cache_implementation": "static"} if static_cache else {}
+    with torch.no_grad(), autocast_ctx, plain_generation_config(model), eager_layers(model):
         return model.generate(
             input_ids=query_ids,
             attention_mask=query_mask,
@@ -179,6 +184,7 @@ def _sample(
             top_k=None if greedy else s.top_k,
             pad_token_id=pad,
             eos_token_id=eos,
+            **extra,
         )
 
 
@@ -187,6 +193,8 @@ class _GenerateEngine:
 
     model: Any
     _autocast: Callable[[], Any]
+    static_cache: bool = False
+    prompt_bucket: int = 1
 
     def generate(
         self,
@@ -197,9 +205,13 @@ class _GenerateEngine:
         pad_token_id: int,
         eos_token_id: int,
     ) -> torch.Tensor:
+        extra = -query_ids.shape[1] % self.prompt_bucket
+        if extra:  # left padding up to the bucket (positions follow the mask: same samples)
+            query_ids = torch.nn.functional.pad(query_ids, (extra, 0), value=pad_token_id)
+            query_mask = torch.nn.functional.pad(query_mask, (extra, 0), value=0)
         was = self.model.training
         try:
-            return _sample(
+            out = _sample(
                 self.model,
                 query_ids,
                 query_mask,
@@ -207,9 +219,11 @@ class _GenerateEngine:
                 self._autocast(),
                 pad_token_id,
                 eos_token_id,
+                self.static_cache,
             )
         finally:
             self.model.train(was)
+        return out[:, extra:]
 
 
 class PolicyEngine(_GenerateEngine):
@@ -234,13 +248,21 @@ class MergedCopyEngine(_GenerateEngine):
     """
 
     def __init__(
-        self, policy: torch.nn.Module, precision: str, autocast_factory: Callable[[], Any]
+        self,
+        policy: torch.nn.Module,
+        precision: str,
+        autocast_factory: Callable[[], Any],
+        *,
+        static_cache: bool = False,
+        prompt_bucket: int = 1,
     ):
         import copy
 
         from palate.training import store_frozen_linears
 
         self._autocast = autocast_factory
+        self.static_cache = static_cache  # static KV cache; compiled decoding on a GPU
+        self.prompt_bucket = prompt_bucket if static_cache else 1
         src = _unwrap(policy)
         self._lora = hasattr(src, "merge_and_unload")
         if self._lora:
@@ -255,6 +277,12 @@ class MergedCopyEngine(_GenerateEngine):
                 if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                     self._targets[name] = self.model.get_submodule(name)
         store_frozen_linears(self.model, precision)
+        if static_cache and precision == "bf16":
+            # A static cache is allocated in one dtype, while under autocast the keys come out
+            # of RoPE in fp32 and the values in bf16: the copy runs wholly in bf16 instead (its
+            # linears were bf16 already; norms and the tied embedding/head now too).
+            self.model.to(torch.bfloat16)
+            self._autocast = contextlib.nullcontext
 
     @torch.no_grad()
     def sync(self, policy: torch.nn.Module) -> None:

@@ -293,7 +293,8 @@ def test_separate_critic_starts_from_the_reward_models_score(tmp_path: Path, sft
     h = torch.randn(3, 5, rm.model.config.hidden_size)
     with torch.no_grad():
         want = rm.model.score(h).squeeze(-1) * 2.0 + 0.7
-        torch.testing.assert_close(trainer.critic.head(h), want)
+        got = trainer.critic.head(h.to(trainer.device)).cpu()  # the critic is on the GPU if any
+        torch.testing.assert_close(got, want)
 
 
 def test_reference_defaults_adam_eps_and_missing_eos_penalty(tmp_path: Path, sft_policy) -> None:

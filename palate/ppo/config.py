@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from palate.compiling import CompileSettings
 from palate.config import Config
 from palate.feedback.config import JudgeSettings
 from palate.monitors import MonitorSettings
@@ -130,11 +131,12 @@ class PPOSettings(Config):
     target_approx_kl: float | None = Field(
         None, gt=0, description="Stop this update's epochs early when approx-KL exceeds it."
     )
-    forward_chunks: int = Field(
-        2,
+    forward_chunks: int | None = Field(
+        None,
         ge=1,
         description="Run each forward as this many groups of rows sorted by prompt length, "
-        "each trimmed to its own padding (same maths, less padding computed).",
+        "each trimmed to its own padding (same maths, less padding computed); null = 2 on a "
+        "CPU, 1 on a GPU (where each forward's launch overhead costs more than the padding).",
     )
     ptx_coef: float = Field(0.0, ge=0, description="Weight of an SFT loss mixed in (PPO-ptx).")
     ptx_data: str | None = Field(None, description="Demonstrations for the PPO-ptx loss.")
@@ -166,6 +168,11 @@ class PPORecipe(StageSettings):
         description="Sampler: 'policy' generates with the training policy; 'merged' with an "
         "inference copy (LoRA merged, frozen weights in bf16; faster, one more model in memory); "
         "'auto' = merged for LoRA or bf16, else policy.",
+    )
+    compile: CompileSettings = Field(
+        default_factory=CompileSettings,
+        description="torch.compile of the training forwards and of rollout decoding (on a GPU "
+        "by default; see palate.compiling).",
     )
     kl: KLSettings = Field(default_factory=KLSettings, description="KL penalty.")
     critic: CriticSettings = Field(default_factory=CriticSettings, description="Critic.")

@@ -40,6 +40,9 @@ class SeparateCritic(torch.nn.Module):
         length: int,
     ) -> torch.Tensor:  # (B, T) values at positions start … start+length-1
         h = self.decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
         ).last_hidden_state
         return self.head(h[:, start : start + length])

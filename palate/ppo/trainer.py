@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from palate.compiling import compile_layers, wanted
 from palate.data import Prompt, prompt_text, read_records, write_jsonl
 from palate.errors import ConfigError
 from palate.formatting import pad_batch, prompt_ids
@@ -212,6 +213,10 @@ class PPOTrainer:
             for module in self.score_fn.reward_model.modules():
                 store_frozen_linears(module, self.precision)
         self.engine = self._rollout_engine()
+        if wanted(cfg.compile.training, self.device):  # after the engine copied the policy
+            for model in (self.policy, self.ref, self.critic.decoder if self.critic else None):
+                if model is not None:
+                    compile_layers(model)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         params += list(self.value_head.parameters()) if self.value_head is not None else []
         params += [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
@@ -293,7 +298,11 @@ class PPOTrainer:
 
         if engine == "merged":
             policy = self.acc.unwrap_model(self.policy)
-            return MergedCopyEngine(policy, self.precision, autocast_here)
+            static = wanted(self.cfg.compile.generation, self.device)
+            bucket = self.cfg.compile.prompt_bucket
+            return MergedCopyEngine(
+                policy, self.precision, autocast_here, static_cache=static, prompt_bucket=bucket
+            )
         return PolicyEngine(autocast_here)
 
     # ----------------------------------------------------------------- the stage
@@ -483,7 +492,7 @@ class PPOTrainer:
                 values = self.critic(ids, mask, position_ids(mask), width - 1, ids.shape[1] - width)
             return logp, values, entropy
 
-        chunks = self.cfg.ppo.forward_chunks
+        chunks = self.cfg.ppo.forward_chunks or (1 if self.device.type == "cuda" else 2)
         return trimmed_by_prompt_length(forward, input_ids, attention_mask, prompt_width, chunks)
 
     @torch.no_grad()
@@ -574,7 +583,9 @@ class PPOTrainer:
         full = torch.cat([rollout.query_ids, rollout.response_ids], 1)
         full_mask = torch.cat([rollout.query_mask, rollout.mask.long()], 1)
         minibatches = math.ceil(B / cfg.mini_batch_size)
-        stats: dict[str, list[float]] = {}
+        # kept on the device and read once at the end: a float() per minibatch would make the
+        # host wait for the GPU seven times per step
+        stats: dict[str, list[torch.Tensor]] = {}
         self.policy.train()
         stop = False
         epochs_done = 0
@@ -618,17 +629,14 @@ class PPOTrainer:
                     ("policy/grad_norm", grad_norm),
                 ):
                     if val is not None:
-                        stats.setdefault(key, []).append(
-                            float(val.detach() if hasattr(val, "detach") else val)
-                        )
-            recent = stats["policy/approxkl"][-minibatches:]
-            if (
-                cfg.target_approx_kl is not None
-                and sum(recent) / minibatches > cfg.target_approx_kl
-            ):
-                stop = True
-                break
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+                        stats.setdefault(key, []).append(torch.as_tensor(val).detach().float())
+            if cfg.target_approx_kl is not None:
+                recent = torch.stack(stats["policy/approxkl"][-minibatches:]).mean()
+                if recent.item() > cfg.target_approx_kl:
+                    stop = True
+                    break
+        means = torch.stack([torch.stack(v).mean().to(self.device) for v in stats.values()])
+        out = dict(zip(stats, means.tolist(), strict=True))
         out["policy/epochs"] = epochs_done
         out["policy/early_stop"] = float(stop)
         return out
