@@ -384,20 +384,35 @@ def serve(
     secure_cookies: Annotated[
         bool, typer.Option(help="Send session cookies over HTTPS only (behind TLS).")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Worker processes (uvicorn; use PostgreSQL for more than one)."
+        ),
+    ] = 1,
+    graceful_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0, help="On SIGTERM/Ctrl-C, seconds to let requests in flight finish."
+        ),
+    ] = 30.0,
 ) -> None:
     """Run the labeling web app (raters compare responses; admins see the dashboard).
 
-    Set PALATE_SECRET_KEY to keep sessions valid across restarts.
+    Set PALATE_SECRET_KEY to keep sessions valid across restarts. GET /healthz answers 200
+    while the database is reachable (503 otherwise).
     """
-    import uvicorn
+    from palate.label.app import serve as serve_app
 
-    from palate.label.app import create_app
-
-    application = create_app(
-        db, secret_key=os.environ.get("PALATE_SECRET_KEY"), secure_cookies=secure_cookies
+    serve_app(
+        db,
+        host=host,
+        port=port,
+        workers=workers,
+        secure_cookies=secure_cookies,
+        graceful_timeout=graceful_timeout,
+        say=err.print,
     )
-    err.print(f"palate labeling app on http://{host}:{port}  (database: {db})")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -110,4 +111,80 @@ def create_app(
     app.include_router(pages.router)
     app.include_router(admin.router)
     app.include_router(api.router)
+    app.add_api_route("/healthz", _health, methods=["GET"], include_in_schema=False)
     return app
+
+
+def _health(request: Request) -> Response:
+    """For load balancers and process managers: 200 when this worker can reach the database,
+    else 503. No sign-in needed; says nothing about the data."""
+    from sqlalchemy import text
+
+    try:
+        with request.app.state.sessionmaker() as db:
+            db.execute(text("SELECT 1"))
+    except Exception as err:  # any database failure means "not healthy"
+        return JSONResponse({"status": "error", "database": type(err).__name__}, status_code=503)
+    return JSONResponse({"status": "ok", "database": "ok"})
+
+
+# Settings a worker process reads (``palate serve --workers N`` sets them for its workers).
+ENV_DB, ENV_SECRET, ENV_SECURE = "PALATE_DB", "PALATE_SECRET_KEY", "PALATE_SECURE_COOKIES"
+
+
+def app_from_env() -> FastAPI:
+    """The app for one of several uvicorn worker processes (an import-string factory, as
+    uvicorn needs for ``workers > 1``): database and secret key from the environment. Every
+    worker must share the secret key, or a session cookie signed by one is refused by another."""
+    import os
+
+    secret = os.environ.get(ENV_SECRET)
+    if not secret:
+        raise PalateError(f"{ENV_SECRET} must be set for the workers to share sessions")
+    return create_app(
+        os.environ[ENV_DB], secret_key=secret, secure_cookies=os.environ.get(ENV_SECURE) == "1"
+    )
+
+
+def serve(
+    db: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    secure_cookies: bool = False,
+    graceful_timeout: float = 30.0,
+    say: Callable[[str], object] = print,
+) -> None:
+    """Run the app under uvicorn until SIGTERM/SIGINT, then let requests in flight finish (up to
+    ``graceful_timeout`` seconds). With ``workers > 1`` the database is migrated here first
+    (workers would race to it) and the workers share one secret key (PALATE_SECRET_KEY, or one
+    drawn now); uvicorn's supervisor restarts a worker that dies."""
+    import os
+
+    import uvicorn
+
+    secret = os.environ.get(ENV_SECRET)
+    where = f"http://{host}:{port}  (database: {db}; {workers} worker(s))"
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": graceful_timeout,
+    }
+    if workers == 1:
+        application = create_app(db, secret_key=secret, secure_cookies=secure_cookies)
+        say(f"palate labeling app on {where}")
+        uvicorn.run(application, **options)
+        return
+    if "://" not in db or db.startswith("sqlite"):
+        say(
+            "several workers on SQLite: writes queue on one file lock; PostgreSQL is the "
+            "database for this (docs/label.md)"
+        )
+    open_db(db)  # migrate once, before the workers start
+    os.environ[ENV_DB] = db
+    os.environ[ENV_SECRET] = secret or secrets.token_urlsafe(32)
+    os.environ[ENV_SECURE] = "1" if secure_cookies else "0"
+    say(f"palate labeling app on {where}")
+    uvicorn.run("palate.label.app:app_from_env", factory=True, workers=workers, **options)

@@ -91,7 +91,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database URL per test."""
     if request.param == "sqlite":
         return str(tmp_path / "labels.db")
-    base = request.getfixturevalue("pg_cluster")
+    return _fresh_pg(request.getfixturevalue("pg_cluster"))
+
+
+@pytest.fixture
+def pg_url(pg_cluster: str) -> str:
+    """A fresh, empty PostgreSQL database (for what only PostgreSQL is meant to carry)."""
+    return _fresh_pg(pg_cluster)
+
+
+def _fresh_pg(base: str) -> str:
     import psycopg
 
     name = f"t{os.getpid()}_{next(_counter)}"

@@ -212,3 +212,16 @@ def test_api_flow_and_permissions(setup) -> None:
     text = re.sub(r"\s+", " ", html_lib.unescape(dash))
     assert "by source: ai 4 labels" in text, text[text.find("by source") - 50 :][:400]
     assert re.search(r"AI judge vs people's majority: (75|100)% on 4 labels", text), text
+
+
+def test_health_says_whether_the_database_answers(setup) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    app, _ = setup
+    client = TestClient(app)
+    r = client.get("/healthz")  # no sign-in needed
+    assert r.status_code == 200 and r.json() == {"status": "ok", "database": "ok"}
+    app.state.sessionmaker = sessionmaker(create_engine("sqlite:////nonexistent-dir/x.db"))
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "error"

@@ -25,21 +25,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: str) -> tuple[subprocess.Popen, str]:
+def start_server(db: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, PALATE_SECRET_KEY="k")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "palate.cli", "serve", "--db", db, "--port", str(port)], env=env
+        [sys.executable, "-m", "palate.cli", "serve", "--db", db, "--port", str(port)]
+        + ["--workers", str(workers)],
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    for _ in range(900):
         try:
-            httpx.get(url + "/login", timeout=1)
-            return proc, url
+            up = httpx.get(url + "/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.1)
+            up = False
+        if up and (workers == 1 or len(worker_pids(proc)) == workers):
+            return proc, url
+        time.sleep(0.1)
+    for pid in worker_pids(proc):
+        os.kill(pid, signal.SIGKILL)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def worker_pids(proc: subprocess.Popen) -> list[int]:
+    """uvicorn's worker processes under its supervisor (``--workers N``; spawned children,
+    not multiprocessing's resource tracker)."""
+    import psutil
+
+    pids = []
+    for child in psutil.Process(proc.pid).children():
+        try:
+            if child.is_running() and "spawn_main" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
 
 
 def make_campaign(db: str, n_pairs: int, overlap: int, n_raters: int) -> tuple[int, list[str]]:
@@ -58,7 +79,17 @@ def make_campaign(db: str, n_pairs: int, overlap: int, n_raters: int) -> tuple[i
     return camp.id, tokens
 
 
-def rater_loop(url: str, cid: int, token: str, done: list[int], stop: threading.Event) -> None:
+def rater_loop(
+    url: str,
+    cid: int,
+    token: str,
+    done: list[int],
+    stop: threading.Event,
+    retry: bool = False,
+) -> None:
+    """Label until the campaign has nothing left for this rater. ``retry``: a dropped
+    connection (its worker was killed) is retried, as a browser's rater would; the rater's open
+    assignment comes back on the next ``/next``."""
     h = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=url, headers=h, timeout=60) as c:
         while not stop.is_set():
@@ -69,8 +100,16 @@ def rater_loop(url: str, cid: int, token: str, done: list[int], stop: threading.
                 r.raise_for_status()
                 j = r.json()
                 r = c.post(f"/api/v1/assignments/{j['assignment_id']}/label", json={"answer": "a"})
+                if retry and r.status_code == 409:  # labelled by the request that lost its reply
+                    continue
                 r.raise_for_status()
                 done.append(r.json()["label_id"])  # acknowledged: must survive
+            except httpx.TransportError:
+                if stop.is_set():
+                    return
+                if not retry:
+                    raise
+                time.sleep(0.05)
             except httpx.HTTPError:
                 if stop.is_set():
                     return
@@ -148,3 +187,93 @@ def test_sigkill_loses_no_acknowledged_label(db_url: str) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _check_filled(db: str, pairs: int, overlap: int) -> set[int]:
+    """Exactly ``overlap`` labels on every pair, no rater twice on one pair; the label ids."""
+    with open_db(db)() as s:
+        per_pair = s.execute(select(Label.pair_id, func.count()).group_by(Label.pair_id)).all()
+        assert len(per_pair) == pairs and all(n == overlap for _, n in per_pair)
+        dup = s.execute(
+            select(Label.pair_id, Label.rater_id, func.count())
+            .group_by(Label.pair_id, Label.rater_id)
+            .having(func.count() > 1)
+        ).all()
+        assert dup == []
+        assert all(p.n_assigned == overlap for p in s.scalars(select(Pair)))
+        return set(s.scalars(select(Label.id)))
+
+
+@pytest.mark.timeout(600)
+def test_four_workers_on_postgres_50_raters_and_a_worker_killed(pg_url: str) -> None:
+    """``palate serve --workers 4`` on PostgreSQL: 50 raters label 500 pairs × overlap 3 over
+    real HTTP while one worker is SIGKILLed mid-run; its raters reconnect (to the others or the
+    replacement uvicorn starts) and the campaign still fills exactly."""
+    cid, tokens = make_campaign(pg_url, 500, 3, 50)
+    proc, url = start_server(pg_url, workers=4)
+    try:
+        done: list[int] = []
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def run(tok: str) -> None:
+            try:
+                rater_loop(url, cid, tok, done, stop, retry=True)
+            except BaseException as e:  # any failure is reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in tokens]
+        for t in threads:
+            t.start()
+        while len(done) < 500 and any(t.is_alive() for t in threads):
+            time.sleep(0.02)
+        before = worker_pids(proc)
+        assert len(before) == 4
+        os.kill(before[0], signal.SIGKILL)  # mid-run: its requests in flight are cut off
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        for _ in range(200):  # the supervisor replaces the dead worker
+            after = worker_pids(proc)
+            if len(after) == 4 and before[0] not in after:
+                break
+            time.sleep(0.1)
+        assert len(after) == 4 and before[0] not in after
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    stored = _check_filled(pg_url, 500, 3)
+    assert len(stored) == 1500 and set(done) <= stored, sorted(set(done) - stored)[:10]
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_lets_requests_finish_and_exits_cleanly(pg_url: str) -> None:
+    """SIGTERM to ``palate serve --workers 2``: it stops taking requests, lets those in flight
+    finish, and exits 0; no request got a server error and every acknowledged label is stored."""
+    cid, tokens = make_campaign(pg_url, 300, 2, 8)
+    proc, url = start_server(pg_url, workers=2)
+    done: list[int] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run(tok: str) -> None:
+        try:
+            rater_loop(url, cid, tok, done, stop)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in tokens]
+    for t in threads:
+        t.start()
+    while len(done) < 100:
+        time.sleep(0.02)
+    stop.set()  # connection errors from here on are the server going away: expected
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]  # a 5xx would have raised (raise_for_status)
+    with open_db(pg_url)() as s:
+        stored = set(s.scalars(select(Label.id)))
+    assert set(done) <= stored
