@@ -386,15 +386,11 @@ def serve(
     ] = False,
     workers: Annotated[
         int,
-        typer.Option(
-            min=1, help="Worker processes (uvicorn; use PostgreSQL for more than one)."
-        ),
+        typer.Option(min=1, help="Worker processes (uvicorn; use PostgreSQL for more than one)."),
     ] = 1,
     graceful_timeout: Annotated[
         float,
-        typer.Option(
-            min=0, help="On SIGTERM/Ctrl-C, seconds to let requests in flight finish."
-        ),
+        typer.Option(min=0, help="On SIGTERM/Ctrl-C, seconds to let requests in flight finish."),
     ] = 30.0,
 ) -> None:
     """Run the labeling web app (raters compare responses; admins see the dashboard).
