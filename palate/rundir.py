@@ -48,11 +48,22 @@ class MetricsLogger:
     On resume from step ``k`` the rows after ``k`` (written by the interrupted run after its last
     checkpoint) are dropped, so a resumed run's file matches an uninterrupted one.
     ``trackers`` is an optional ``accelerate.Accelerator`` whose ``log`` is also called.
+    With ``enabled`` false (every process but the main one) it writes nothing.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None, accelerator: Any = None):
+    def __init__(
+        self,
+        path: Path,
+        resume_step: int | None = None,
+        accelerator: Any = None,
+        *,
+        enabled: bool = True,
+    ):
         self.path = path
         self.accelerator = accelerator
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -68,6 +79,8 @@ class MetricsLogger:
             raise ValueError(f"metric keys must be namespaced like 'train/loss': {bad}")
         row = {"step": step, "time": round(time.time(), 3)}
         row.update({k: _jsonable(v) for k, v in metrics.items()})
+        if not self.enabled:
+            return row
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         if self.accelerator is not None:
@@ -75,7 +88,8 @@ class MetricsLogger:
         return row
 
     def close(self) -> None:
-        self._fh.close()
+        if self.enabled:
+            self._fh.close()
 
 
 class RunDir:

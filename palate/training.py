@@ -501,6 +501,13 @@ def run_steps(
                     loss_total += float(loss.detach())
                     for key, v in st.items():
                         stats[key] = stats.get(key, 0.0) + float(v)
+                if world > 1:  # the step's metrics over every process's share, not rank 0's
+                    keys = sorted(stats)
+                    sums = torch.tensor(
+                        [loss_total, *(stats[k] for k in keys)], dtype=torch.float64
+                    )
+                    sums = acc.reduce(sums.to(acc.device), "sum").tolist()
+                    loss_total, stats = sums[0], dict(zip(keys, sums[1:], strict=True))
                 grad_norm = None
                 if max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(params, max_grad_norm)
@@ -511,7 +518,7 @@ def run_steps(
                 dt = time.perf_counter() - t0
                 seconds += dt
                 row: dict[str, Any] = {
-                    "train/loss": loss_total / max(n_local, 1),
+                    "train/loss": loss_total / max(n_global, 1),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/epoch": step / steps_per_epoch,
                     "timing/step": dt,
@@ -519,7 +526,7 @@ def run_steps(
                 if grad_norm is not None:
                     row["train/grad_norm"] = float(grad_norm)
                 epoch_done = step % steps_per_epoch == 0 or step == total
-                stats["units"] = n_local
+                stats["units"] = n_global  # stats are sums over all processes
                 row.update(after_step(step, epoch_done, stats, dt))
                 last = row
                 if acc.is_main_process and (step % settings.log_every == 0 or epoch_done):
@@ -577,6 +584,7 @@ def resume_training(
         run.metrics_path,
         resume_step=step if ckpt is not None else None,
         accelerator=acc if cfg.tracker != "none" else None,
+        enabled=acc.is_main_process,  # one log, written by rank 0
     )
     start_trackers(acc, cfg.tracker, project, cfg)
     return step, metrics

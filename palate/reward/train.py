@@ -209,13 +209,13 @@ class RewardTrainer(StepTrainer[RewardConfig]):
         self, step: int, epoch_done: bool, stats: dict[str, float], seconds: float
     ) -> dict[str, Any]:
         """The step's metrics row; held-out evaluation at epoch ends (or every eval_every)."""
-        n, world = stats["units"], self.acc.num_processes
-        self.pairs_seen += int(n * world)
+        n = stats["units"]  # pairs in the step, all processes (stats are summed over them)
+        self.pairs_seen += int(n)
         row: dict[str, Any] = {
             "train/accuracy": stats["correct"] / n,
             "train/margin": stats["margin"] / n,
             "train/mean_reward": stats["reward"] / n,
-            "train/pairs_per_s": n * world / seconds,
+            "train/pairs_per_s": n / seconds,
         }
         every = self.cfg.train.eval_every
         if epoch_done or (every and step % every == 0):

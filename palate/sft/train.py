@@ -213,10 +213,9 @@ class SFTTrainer(StepTrainer[SFTConfig]):
     def after_step(
         self, step: int, epoch_done: bool, stats: dict[str, float], seconds: float
     ) -> dict[str, Any]:
-        world = self.acc.num_processes
-        self.tokens_seen += int(stats["tokens"])
+        self.tokens_seen += int(stats["tokens"])  # all processes (stats are summed over them)
         row: dict[str, Any] = {
-            "train/tokens_per_s": stats["tokens"] * world / seconds,
+            "train/tokens_per_s": stats["tokens"] / seconds,
             "train/response_tokens": stats["units"],
         }
         if epoch_done and self.eval_ex:
@@ -278,7 +277,7 @@ class SFTTrainer(StepTrainer[SFTConfig]):
             "train_loss": result.last.get("train/loss"),
             "eval_loss_before": self.eval_before,
             "eval_loss_after": self.eval_after,
-            "tokens_per_s": self.tokens_seen * self.acc.num_processes / seconds
+            "tokens_per_s": self.tokens_seen / seconds
             if seconds
             else None,
             "train_seconds": seconds,
