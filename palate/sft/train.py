@@ -277,9 +277,7 @@ class SFTTrainer(StepTrainer[SFTConfig]):
             "train_loss": result.last.get("train/loss"),
             "eval_loss_before": self.eval_before,
             "eval_loss_after": self.eval_after,
-            "tokens_per_s": self.tokens_seen / seconds
-            if seconds
-            else None,
+            "tokens_per_s": self.tokens_seen / seconds if seconds else None,
             "train_seconds": seconds,
             "precision": self.precision,
             "finetune": self.cfg.finetune,
