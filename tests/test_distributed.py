@@ -54,6 +54,10 @@ def palate_cli(processes: int, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -80,60 +84,41 @@ def assert_same_training(one: Path, two: Path, weights: str, keys: tuple[str, ..
 @pytest.mark.timeout(900)
 def test_sft_in_two_processes_equals_one(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "demos.jsonl", demos(24))
-    common = [
-        "--set",
+    common = sets(
         "model=tiny",
-        "--set",
         f"data={tmp_path / 'demos.jsonl'}",
-        "--set",
         "finetune=full",
-        "--set",
         "precision=fp32",
-        "--set",
         "eval_fraction=0",
-        "--set",
         "sample_prompts=0",
-        "--set",
         "optim.lr=3e-3",
-        "--set",
         "train.epochs=2",
-        "--set",
         "train.batch_size=4",
-        "--set",
         "checkpoint_every=3",
-    ]
+    )
     one, two = tmp_path / "one", tmp_path / "two"
-    palate_cli(1, "sft", *common, "--set", "train.grad_accum=2", "--set", f"output_dir={one}")
-    palate_cli(2, "sft", *common, "--set", f"output_dir={two}")
+    palate_cli(1, "sft", *common, *sets("train.grad_accum=2", f"output_dir={one}"))
+    palate_cli(2, "sft", *common, *sets(f"output_dir={two}"))
     assert_same_training(one, two, "model.safetensors", ("train/loss", "train/response_tokens"))
 
 
 @pytest.mark.timeout(900)
 def test_reward_model_in_two_processes_equals_one(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(64))
-    common = [
-        "--set",
+    common = sets(
         "model=tiny",
-        "--set",
         f"data={tmp_path / 'pairs.jsonl'}",
-        "--set",
         "max_length=48",
-        "--set",
         "precision=fp32",
-        "--set",
         "eval_fraction=0.25",
-        "--set",
         "optim.lr=3e-3",
-        "--set",
         "train.epochs=2",
-        "--set",
         "train.batch_size=8",
-        "--set",
         "checkpoint_every=2",
-    ]
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     args = ("reward", "train", *common)
-    palate_cli(1, *args, "--set", "train.grad_accum=2", "--set", f"output_dir={one}")
-    palate_cli(2, *args, "--set", f"output_dir={two}")
+    palate_cli(1, *args, *sets("train.grad_accum=2", f"output_dir={one}"))
+    palate_cli(2, *args, *sets(f"output_dir={two}"))
     keys = ("train/loss", "train/accuracy", "train/margin", "eval/accuracy")
     assert_same_training(one, two, "model.safetensors", keys)

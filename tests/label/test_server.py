@@ -116,77 +116,32 @@ def rater_loop(
                 raise
 
 
-@pytest.mark.timeout(600)
-def test_50_concurrent_raters_fill_500_pairs_exactly(db_url: str) -> None:
-    db = db_url
-    cid, tokens = make_campaign(db, 500, 3, 50)
-    proc, url = start_server(db)
-    try:
-        done: list[int] = []
-        stop = threading.Event()
-        errors: list[BaseException] = []
+class Raters:
+    """One thread per rater token running :func:`rater_loop`; ``done`` collects acknowledged
+    label ids, ``errors`` what any rater raised."""
+
+    def __init__(self, url: str, cid: int, tokens: list[str], *, retry: bool = False):
+        self.done: list[int] = []
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
 
         def run(tok: str) -> None:
             try:
-                rater_loop(url, cid, tok, done, stop)
-            except BaseException as e:  # any failure is reported below
-                errors.append(e)
+                rater_loop(url, cid, tok, self.done, self.stop, retry=retry)
+            except BaseException as e:  # any failure is reported by the test
+                self.errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(t,)) for t in tokens]
-        for t in threads:
+        self.threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in tokens]
+        for t in self.threads:
             t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors[:3]
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    with open_db(db)() as s:
-        assert s.scalar(select(func.count(Label.id))) == 1500 == len(done)
-        per_pair = s.execute(select(Label.pair_id, func.count()).group_by(Label.pair_id)).all()
-        assert len(per_pair) == 500 and all(n == 3 for _, n in per_pair)
-        dup = s.execute(
-            select(Label.pair_id, Label.rater_id, func.count())
-            .group_by(Label.pair_id, Label.rater_id)
-            .having(func.count() > 1)
-        ).all()
-        assert dup == []
-        assert all(p.n_assigned == 3 for p in s.scalars(select(Pair)))
 
+    def wait_for(self, labels: int) -> None:
+        while len(self.done) < labels and any(t.is_alive() for t in self.threads):
+            time.sleep(0.02)
 
-@pytest.mark.timeout(300)
-def test_sigkill_loses_no_acknowledged_label(db_url: str) -> None:
-    db = db_url
-    cid, tokens = make_campaign(db, 300, 2, 8)
-    proc, url = start_server(db)
-    done: list[int] = []
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=rater_loop, args=(url, cid, t, done, stop), daemon=True)
-        for t in tokens
-    ]
-    for t in threads:
-        t.start()
-    while len(done) < 150:
-        time.sleep(0.05)
-    stop.set()  # from here a failed request is expected, not an error
-    proc.send_signal(signal.SIGKILL)  # mid-campaign, requests in flight
-    proc.wait(30)
-    for t in threads:
-        t.join(60)
-    acknowledged = set(done)
-    proc, url = start_server(db)  # restart on the same file
-    try:
-        with open_db(db)() as s:
-            stored = set(s.scalars(select(Label.id)))
-        assert acknowledged <= stored, sorted(acknowledged - stored)[:10]
-        # and labeling continues after the restart
-        h = {"Authorization": f"Bearer {tokens[0]}"}
-        r = httpx.post(f"{url}/api/v1/campaigns/{cid}/next", headers=h, timeout=30)
-        assert r.status_code in (200, 204)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    def join(self, timeout: float | None = None) -> None:
+        for t in self.threads:
+            t.join(timeout)
 
 
 def _check_filled(db: str, pairs: int, overlap: int) -> set[int]:
@@ -205,6 +160,48 @@ def _check_filled(db: str, pairs: int, overlap: int) -> set[int]:
 
 
 @pytest.mark.timeout(600)
+def test_50_concurrent_raters_fill_500_pairs_exactly(db_url: str) -> None:
+    cid, tokens = make_campaign(db_url, 500, 3, 50)
+    proc, url = start_server(db_url)
+    try:
+        raters = Raters(url, cid, tokens)
+        raters.join()
+        assert not raters.errors, raters.errors[:3]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    stored = _check_filled(db_url, 500, 3)
+    assert len(stored) == 1500 == len(raters.done)
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_loses_no_acknowledged_label(db_url: str) -> None:
+    db = db_url
+    cid, tokens = make_campaign(db, 300, 2, 8)
+    proc, url = start_server(db)
+    raters = Raters(url, cid, tokens)
+    raters.wait_for(150)
+    raters.stop.set()  # from here a failed request is expected, not an error
+    proc.send_signal(signal.SIGKILL)  # mid-campaign, requests in flight
+    proc.wait(30)
+    raters.join(60)
+    assert not raters.errors, raters.errors[:3]
+    acknowledged = set(raters.done)
+    proc, url = start_server(db)  # restart on the same file
+    try:
+        with open_db(db)() as s:
+            stored = set(s.scalars(select(Label.id)))
+        assert acknowledged <= stored, sorted(acknowledged - stored)[:10]
+        # and labeling continues after the restart
+        h = {"Authorization": f"Bearer {tokens[0]}"}
+        r = httpx.post(f"{url}/api/v1/campaigns/{cid}/next", headers=h, timeout=30)
+        assert r.status_code in (200, 204)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.timeout(600)
 def test_four_workers_on_postgres_50_raters_and_a_worker_killed(pg_url: str) -> None:
     """``palate serve --workers 4`` on PostgreSQL: 50 raters label 500 pairs × overlap 3 over
     real HTTP while one worker is SIGKILLed mid-run; its raters reconnect (to the others or the
@@ -212,27 +209,13 @@ def test_four_workers_on_postgres_50_raters_and_a_worker_killed(pg_url: str) -> 
     cid, tokens = make_campaign(pg_url, 500, 3, 50)
     proc, url = start_server(pg_url, workers=4)
     try:
-        done: list[int] = []
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def run(tok: str) -> None:
-            try:
-                rater_loop(url, cid, tok, done, stop, retry=True)
-            except BaseException as e:  # any failure is reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(t,)) for t in tokens]
-        for t in threads:
-            t.start()
-        while len(done) < 500 and any(t.is_alive() for t in threads):
-            time.sleep(0.02)
+        raters = Raters(url, cid, tokens, retry=True)
+        raters.wait_for(500)
         before = worker_pids(proc)
         assert len(before) == 4
         os.kill(before[0], signal.SIGKILL)  # mid-run: its requests in flight are cut off
-        for t in threads:
-            t.join()
-        assert not errors, errors[:3]
+        raters.join()
+        assert not raters.errors, raters.errors[:3]
         for _ in range(200):  # the supervisor replaces the dead worker
             after = worker_pids(proc)
             if len(after) == 4 and before[0] not in after:
@@ -244,7 +227,7 @@ def test_four_workers_on_postgres_50_raters_and_a_worker_killed(pg_url: str) -> 
         proc.terminate()
         proc.wait(60)
     stored = _check_filled(pg_url, 500, 3)
-    assert len(stored) == 1500 and set(done) <= stored, sorted(set(done) - stored)[:10]
+    assert len(stored) == 1500 and set(raters.done) <= stored
 
 
 @pytest.mark.timeout(300)
@@ -253,27 +236,13 @@ def test_sigterm_lets_requests_finish_and_exits_cleanly(pg_url: str) -> None:
     finish, and exits 0; no request got a server error and every acknowledged label is stored."""
     cid, tokens = make_campaign(pg_url, 300, 2, 8)
     proc, url = start_server(pg_url, workers=2)
-    done: list[int] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run(tok: str) -> None:
-        try:
-            rater_loop(url, cid, tok, done, stop)
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(t,), daemon=True) for t in tokens]
-    for t in threads:
-        t.start()
-    while len(done) < 100:
-        time.sleep(0.02)
-    stop.set()  # connection errors from here on are the server going away: expected
+    raters = Raters(url, cid, tokens)
+    raters.wait_for(100)
+    raters.stop.set()  # connection errors from here on are the server going away: expected
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
-    for t in threads:
-        t.join(60)
-    assert not errors, errors[:3]  # a 5xx would have raised (raise_for_status)
+    raters.join(60)
+    assert not raters.errors, raters.errors[:3]  # a 5xx would have raised (raise_for_status)
     with open_db(pg_url)() as s:
         stored = set(s.scalars(select(Label.id)))
-    assert set(done) <= stored
+    assert set(raters.done) <= stored
