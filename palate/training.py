@@ -529,8 +529,8 @@ def run_steps(
                 stats["units"] = n_global  # stats are sums over all processes
                 row.update(after_step(step, epoch_done, stats, dt))
                 last = row
-                if acc.is_main_process and (step % settings.log_every == 0 or epoch_done):
-                    metrics.log(step, row)
+                if step % settings.log_every == 0 or epoch_done:
+                    metrics.log(step, row)  # writes on the main process only
                 bar.update(step, loss=row["train/loss"])
                 stopped = stop_after is not None and stop_after <= step < total
                 if step % checkpoint_every == 0 or step == total or stopped:

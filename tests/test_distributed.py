@@ -58,6 +58,10 @@ def sets(*overrides: str) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
+# what both tests train with: the tiny model in fp32, 2 epochs at a learning rate that moves it
+SHARED = ("model=tiny", "precision=fp32", "optim.lr=3e-3", "train.epochs=2")
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -85,14 +89,11 @@ def assert_same_training(one: Path, two: Path, weights: str, keys: tuple[str, ..
 def test_sft_in_two_processes_equals_one(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "demos.jsonl", demos(24))
     common = sets(
-        "model=tiny",
+        *SHARED,
         f"data={tmp_path / 'demos.jsonl'}",
         "finetune=full",
-        "precision=fp32",
         "eval_fraction=0",
         "sample_prompts=0",
-        "optim.lr=3e-3",
-        "train.epochs=2",
         "train.batch_size=4",
         "checkpoint_every=3",
     )
@@ -106,13 +107,10 @@ def test_sft_in_two_processes_equals_one(tmp_path: Path) -> None:
 def test_reward_model_in_two_processes_equals_one(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(64))
     common = sets(
-        "model=tiny",
+        *SHARED,
         f"data={tmp_path / 'pairs.jsonl'}",
         "max_length=48",
-        "precision=fp32",
         "eval_fraction=0.25",
-        "optim.lr=3e-3",
-        "train.epochs=2",
         "train.batch_size=8",
         "checkpoint_every=2",
     )

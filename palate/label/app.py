@@ -172,9 +172,9 @@ def serve(
         "log_level": "warning",
         "timeout_graceful_shutdown": graceful_timeout,
     }
+    say(f"palate labeling app on {where}")
     if workers == 1:
         application = create_app(db, secret_key=secret, secure_cookies=secure_cookies)
-        say(f"palate labeling app on {where}")
         uvicorn.run(application, **options)
         return
     if "://" not in db or db.startswith("sqlite"):
@@ -186,5 +186,4 @@ def serve(
     os.environ[ENV_DB] = db
     os.environ[ENV_SECRET] = secret or secrets.token_urlsafe(32)
     os.environ[ENV_SECURE] = "1" if secure_cookies else "0"
-    say(f"palate labeling app on {where}")
     uvicorn.run("palate.label.app:app_from_env", factory=True, workers=workers, **options)
