@@ -48,6 +48,9 @@ def _fmt(fields: dict[str, Any]) -> str:
 
 
 def enabled() -> bool:
+    """Bars on unless PALATE_PROGRESS=0, and only on the first of several processes."""
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        return False
     return os.environ.get("PALATE_PROGRESS", "1") not in ("0", "false", "no")
 
 

@@ -31,7 +31,9 @@ __all__ = [
     "MergedCopyEngine",
     "PolicyEngine",
     "RolloutEngine",
+    "EpisodeNoise",
     "SamplingConfig",
+    "episode_seed",
     "generate_responses",
     "inference_model",
     "plain_generation_config",
@@ -131,6 +133,7 @@ class RolloutEngine(Protocol):
         *,
         pad_token_id: int,
         eos_token_id: int,
+        seeds: Sequence[int] | None = None,  # (B,) per-row sampling seeds, or the global RNG
     ) -> torch.Tensor:  # (B, Tq + T): the queries followed by the sampled tokens
         """Sample one response per query."""
 
@@ -159,6 +162,42 @@ def plain_generation_config(model: Any) -> Iterator[None]:
         hf_model.generation_config = saved
 
 
+def episode_seed(*keys: int) -> int:
+    """A 32-bit seed from integer keys (e.g. run seed, update, episode), well mixed
+    (numpy's ``SeedSequence``): neighbouring keys give unrelated streams."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class EpisodeNoise:
+    """Sampling at temperature τ where each row draws from its own random stream.
+
+    Gumbel-max: argmax(z/τ + g) with g ~ Gumbel(0, 1) i.i.d. per token is an exact sample from
+    softmax(z/τ) (Gumbel 1954; Maddison et al. 2014, "A* sampling"). Used as a logits processor
+    under greedy decoding, with the noise for row b's t-th token drawn from a generator seeded
+    with ``seeds[b]``, a response depends only on its seed — not on which other prompts share
+    its batch or process. PPO uses it (``ppo.episode_seeds``) so that a run in N processes
+    samples exactly what one process samples. Costs B × vocabulary uniforms per token.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, device: torch.device):
+        if temperature <= 0:
+            raise ValueError("EpisodeNoise needs a temperature > 0")
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[1]  # (B, V) next-token logits
+        if len(self.generators) != scores.shape[0]:
+            raise ValueError(f"{len(self.generators)} seeds for a batch of {scores.shape[0]}")
+        u = torch.stack(
+            [torch.rand(vocab, generator=g, device=scores.device) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))
+        return scores.float() / self.temperature + gumbel
+
+
 def _sample(
     model: Any,
     query_ids: torch.Tensor,
@@ -168,11 +207,20 @@ def _sample(
     pad: int,
     eos: int,
     static_cache: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     greedy = s.temperature == 0
     model.eval()
     # a static KV cache: on a GPU ``generate`` compiles its decoding step (CUDA graphs)
-    extra = {"cache_implementation": "static"} if static_cache else {}
+    extra: dict[str, Any] = {"cache_implementation": "static"} if static_cache else {}
+    if seeds is not None and not greedy:
+        if s.top_p < 1 or s.top_k > 0:
+            raise ValueError("per-episode seeds sample at a plain temperature (no top_p/top_k)")
+        from transformers import LogitsProcessorList
+
+        noise = EpisodeNoise(seeds, s.temperature, query_ids.device)
+        extra["logits_processor"] = LogitsProcessorList([noise])
+        greedy = True  # argmax of the noised logits is the sample
     with torch.no_grad(), autocast_ctx, plain_generation_config(model), eager_layers(model):
         return model.generate(
             input_ids=query_ids,
@@ -204,7 +252,10 @@ class _GenerateEngine:
         *,
         pad_token_id: int,
         eos_token_id: int,
+        seeds: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        """Sampled ids (B, Tq + T); ``seeds`` (one per row) draws each row's noise from its
+        own stream (:class:`EpisodeNoise`) instead of the global RNG."""
         extra = -query_ids.shape[1] % self.prompt_bucket
         if extra:  # left padding up to the bucket (positions follow the mask: same samples)
             query_ids = torch.nn.functional.pad(query_ids, (extra, 0), value=pad_token_id)
@@ -220,6 +271,7 @@ class _GenerateEngine:
                 pad_token_id,
                 eos_token_id,
                 self.static_cache,
+                seeds,
             )
         finally:
             self.model.train(was)

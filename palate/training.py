@@ -41,9 +41,11 @@ __all__ = [
     "begin_stage",
     "bf16_supported",
     "build_optimizer",
+    "check_engine",
     "disable_dropout",
     "make_accelerator",
     "resolve_precision",
+    "rank_rng",
     "restore_rng",
     "resume_training",
     "rng_state",
@@ -293,6 +295,19 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_rng(blob: dict[str, Any], rank: int, world: int, seed: int) -> dict[str, Any]:
+    """The RNG state this process resumes with: its own when the checkpoint holds one per
+    process (``rng_by_rank``, PPO in several processes), else the (rank 0) ``rng``. Resumed in
+    another number of processes, ranks beyond the saved ones start fresh streams."""
+    per_rank = blob.get("rng_by_rank")
+    if per_rank is not None and len(per_rank) == world:
+        return per_rank[rank]
+    if rank == 0 or per_rank is None:
+        return blob["rng"]
+    seed_everything(seed + 7919 * rank)
+    return rng_state()
 
 
 def save_training_state(
@@ -576,7 +591,7 @@ def resume_training(
             restore(ckpt, blob)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
-        restore_rng(blob["rng"])
+        restore_rng(rank_rng(blob, acc.process_index, acc.num_processes, cfg.seed))
         step = state["step"]
         if acc.is_main_process:
             console.print(f"resuming from {ckpt} ({unit} {step}/{total})")
@@ -694,10 +709,25 @@ class StepTrainer(Generic[StageConfigT]):
         raise NotImplementedError
 
 
+def check_engine(distributed_type: Any) -> None:
+    """palate's trainers are data-parallel: weights, optimiser state and checkpoints replicated
+    (written by rank 0). DeepSpeed ZeRO and FSDP shard them, which the checkpoints would lose
+    silently, so they are refused (docs/scaling.md)."""
+    name = str(getattr(distributed_type, "value", distributed_type))
+    if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+        raise ConfigError(
+            f"accelerate config: distributed_type {name} is not supported yet — palate's "
+            "checkpoints and final weights are written by rank 0 and are not sharding-aware. "
+            "Launch with data parallelism (examples/accelerate/ddp.yaml, or none); see "
+            "docs/scaling.md"
+        )
+
+
 def begin_stage(cfg: StageConfig) -> tuple[Any, RunDir, torch.device, str]:
     """(accelerator, run directory, device, precision) for a training stage: the run directory
     and its resolved config written by the main process, every RNG seeded with ``cfg.seed``."""
     acc = make_accelerator(cfg.tracker, cfg.output_dir)
+    check_engine(acc.distributed_type)
     run = RunDir(cfg.output_dir)
     if acc.is_main_process:
         run.create(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from palate.training import LoraSettings, apply_lora, autocast, store_frozen_linears
@@ -61,3 +62,16 @@ def test_grouped_order_keeps_each_key_together_and_is_seeded() -> None:
     assert sum(x != y for x, y in zip(runs[:-1], runs[1:], strict=True)) == 2
     assert grouped_order(keys, seed=3, epoch=0) == order
     assert {tuple(grouped_order(keys, seed=3, epoch=e)) for e in range(6)} != {tuple(order)}
+
+
+def test_sharded_engines_are_refused_with_the_way_out() -> None:
+    from accelerate.utils import DistributedType
+
+    from palate.errors import ConfigError
+    from palate.training import check_engine
+
+    for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_engine(fine)
+    for sharded in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(ConfigError, match=f"{sharded.value} is not supported.*ddp.yaml"):
+            check_engine(sharded)

@@ -320,6 +320,35 @@ class EvalSettings(Config):
     )
 
 
+TrainingStage = Literal["sft", "reward", "ppo"]
+TRAINING_STAGES: tuple[TrainingStage, ...] = ("sft", "reward", "ppo")
+
+
+class LaunchSettings(Config):
+    """Training stages in several processes: ``accelerate launch`` runs them (see
+    docs/scaling.md); the other stages stay in the ``palate run`` process."""
+
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes per training stage (one per GPU; on a CPU, gloo processes). "
+        "1 with no config_file: every stage in this process.",
+    )
+    config_file: str | None = Field(
+        None,
+        description="An accelerate config (e.g. examples/accelerate/ddp.yaml) for the launch; "
+        "num_processes, when above 1, overrides its count.",
+    )
+    stages: list[TrainingStage] = Field(
+        default_factory=lambda: list(TRAINING_STAGES),
+        description="Which training stages are launched (those of later rounds too).",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.num_processes > 1 or self.config_file is not None
+
+
 class RunConfig(Config):
     """Config for ``palate run``: every stage of the loop in one file."""
 
@@ -343,6 +372,11 @@ class RunConfig(Config):
     reward: RunReward = Field(default_factory=RunReward, description="Reward model stage.")
     ppo: RunPPO = Field(default_factory=RunPPO, description="PPO stage.")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="Evaluation stage.")
+    launch: LaunchSettings = Field(
+        default_factory=LaunchSettings,
+        description="Run the training stages multi-process (accelerate launch); how a run is "
+        "executed, not what it computes: not part of any stage's fingerprint.",
+    )
     rounds: int = Field(
         1,
         ge=1,

@@ -37,6 +37,7 @@ class WaitingForLabels(Exception):
 LATER_FIELDS = frozenset(
     {
         "PPORecipe.init_adapter",
+        "PPORecipe.episode_seeds",
         "GoldRubric.refusal_right",
         "GoldRubric.refusal_bonus",
         "PairSettings.budget",

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from palate.data import Prompt, prompt_json, prompt_text, read_jsonl, read_records, write_jsonl
 from palate.errors import DataError
+from palate.pipeline.launch import launched, run_here
 from palate.pipeline.run import STAGES, Run, WaitingForLabels
 from palate.ppo import PPOConfig, RewardSource
 from palate.progress import console, progress_bar
@@ -22,7 +23,7 @@ from palate.reward import RewardConfig
 from palate.rundir import RunDir
 from palate.sft import SFTConfig
 
-__all__ = ["STAGE_FNS", "ppo_config"]
+__all__ = ["STAGE_FNS", "ppo_config", "reward_config", "sft_config"]
 
 
 def read_prompts(path: Path) -> list[Prompt]:
@@ -36,13 +37,16 @@ def read_criteria(path: Path) -> list[str]:
     ]
 
 
-def stage_sft(run: Run) -> dict[str, Any]:
-    from palate.sft import sft
-
+def sft_config(run: Run) -> SFTConfig:
+    """The SFT stage as a plain ``palate sft`` config."""
     assert run.cfg.sft is not None
     data = run.cfg.sft.model_dump()
     data.update(model=run.cfg.sft.model or run.cfg.model, output_dir=str(run.dir("sft")))
-    return sft(SFTConfig.model_validate(data))
+    return SFTConfig.model_validate(data)
+
+
+def stage_sft(run: Run) -> dict[str, Any]:
+    return launched(run, "sft") or run_here(run, "sft")
 
 
 def round_policy(run: Run, r: int) -> str:
@@ -366,16 +370,14 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
 def stage_reward(run: Run, r: int = 0) -> dict[str, Any]:
     """The reward model on every label so far (those of ``raters.train_groups`` when set);
     with ``raters.per_group_reward``, one more per group, each on its own group's labels."""
-    from palate.reward import train_reward
-
     groups: dict[str, Any] = {}
     if run.cfg.raters.per_group_reward:  # first: the pooled model's summary marks the stage done
         for group, _ in group_panels(run):
             done = RunDir(run.round_dir(r, "reward") / "groups" / group)
             got = done.read_summary() if done.is_complete() else None
-            got = got or train_reward(reward_config(run, r, group))
+            got = got or launched(run, "reward", r, group) or run_here(run, "reward", r, group)
             groups[group] = {k: got.get(k) for k in ("train_pairs", "eval_accuracy")}
-    out = train_reward(reward_config(run, r))
+    out = launched(run, "reward", r) or run_here(run, "reward", r)
     if groups:
         agreement = held_out_agreement(run, r)
         for group, row in groups.items():
@@ -492,10 +494,11 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
 
 
 def stage_ppo(run: Run, stop_after: int | None = None, r: int = 0) -> dict[str, Any]:
-    from palate.ppo import ppo
+    if stop_after is not None:  # the library's "as if interrupted", in this process
+        from palate.ppo import ppo
 
-    # the gold watches for reward hacking during training (the policy never sees it)
-    return ppo(ppo_config(run, r), stop_after=stop_after, gold_fn=run.gold())
+        return ppo(ppo_config(run, r), stop_after=stop_after, gold_fn=run.gold())
+    return launched(run, "ppo", r) or run_here(run, "ppo", r)
 
 
 def stage_round(run: Run, stage: str) -> dict[str, Any]:

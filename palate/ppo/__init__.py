@@ -12,6 +12,8 @@ Where things are:
   (:func:`~palate.ppo_math.penalised_rewards`), GAE, the clipped losses, the KL controllers.
 * :mod:`palate.lm` — log π and V from one forward (:func:`~palate.lm.policy_forward`).
 * :mod:`palate.ppo.critic` — the value head and the separate critic.
+* :mod:`palate.ppo.distributed` — several processes: rollouts sharded by rank, episodes gathered,
+  gradients summed.
 * :mod:`palate.ppo.config` — the config.
 """
 

@@ -162,6 +162,13 @@ class PPORecipe(StageSettings):
         default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0),
         description="Rollout sampling (log-probs use the same temperature).",
     )
+    episode_seeds: bool = Field(
+        False,
+        description="Draw each episode's sampling noise from its own seed (run seed, update, "
+        "episode; Gumbel-max, palate.sampling.EpisodeNoise) instead of the global RNG: a run "
+        "then samples the same episodes in any number of processes or batch layouts. Costs "
+        "batch × vocabulary random numbers per token.",
+    )
     max_prompt_length: int = Field(256, ge=8, description="Prompts are cut from the left to this.")
     rollout_engine: Literal["auto", "policy", "merged"] = Field(
         "auto",

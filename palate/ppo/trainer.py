@@ -17,6 +17,9 @@ One update (:meth:`PPOTrainer.step`) reads like the paper:
   surrogate + clipped value loss (− entropy bonus, + optional SFT/pretraining loss), with an
   optional early stop on approx-KL.
 * **adapt KL**: β follows a fixed value or the adaptive controller of Ziegler et al. (2019).
+
+In several processes each rank samples its share of the prompts and everything from the
+reward on is computed on the gathered global batch; see :mod:`palate.ppo.distributed`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ from palate.models import load_model
 from palate.monitors import Alarm, Monitor
 from palate.ppo.config import PPOConfig, RewardSource
 from palate.ppo.critic import SeparateCritic, ValueHead
+from palate.ppo.distributed import (
+    all_reduce_gradients,
+    broadcast_list,
+    broadcast_parameters,
+    gather_episodes,
+    gather_objects,
+)
 from palate.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -63,7 +73,7 @@ from palate.ppo_math import (
 )
 from palate.progress import console, progress_bar
 from palate.reward.model import RewardModelScorer, ScoreFn, load_reward_model
-from palate.sampling import MergedCopyEngine, PolicyEngine, RolloutEngine
+from palate.sampling import MergedCopyEngine, PolicyEngine, RolloutEngine, episode_seed
 from palate.training import (
     apply_lora,
     autocast,
@@ -73,7 +83,9 @@ from palate.training import (
     epoch_order,
     prune_checkpoints,
     resume_training,
+    rng_state,
     save_training_state,
+    seed_everything,
     store_frozen_linears,
 )
 
@@ -98,6 +110,16 @@ def ppo(
 
 
 # --------------------------------------------------------------------------- dataflow
+
+# what each minibatch of the clipped update logs (means over the update's minibatches)
+_UPDATE_STATS = (
+    "policy/loss",
+    "policy/clipfrac",
+    "policy/approxkl",
+    "value/loss",
+    "value/clipfrac",
+    "objective/entropy",
+)
 
 
 @dataclass
@@ -182,6 +204,12 @@ class PPOTrainer:
     ):
         self.cfg = cfg
         self.acc, self.run, self.device, self.precision = begin_stage(cfg)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if cfg.ppo.batch_size % self.world:
+            raise ConfigError(
+                f"ppo.batch_size {cfg.ppo.batch_size} is not a multiple of the "
+                f"{self.world} processes (each samples batch_size / processes prompts)"
+            )
         self.monitor = Monitor(cfg.monitors, gold=gold_fn)
         self.prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records][
             : cfg.max_prompts
@@ -221,6 +249,10 @@ class PPOTrainer:
         params += list(self.value_head.parameters()) if self.value_head is not None else []
         params += [p for p in self.critic.parameters() if p.requires_grad] if self.critic else []
         self.params = params
+        if self.world > 1:
+            broadcast_parameters(params)  # fresh adapters / heads drawn per rank: rank 0's
+            if self.rank > 0:  # rank 0 keeps the stream one process would have
+                seed_everything(episode_seed(cfg.seed, self.rank))
         self.optimizer, self.scheduler = build_optimizer(params, cfg.optim, cfg.ppo.updates)
         kl = cfg.kl
         horizon = kl.horizon or cfg.ppo.updates * cfg.ppo.batch_size
@@ -335,7 +367,8 @@ class PPOTrainer:
                     alarms = self.watch(rollout, row)
                     rows.append(row)
                     metrics.log(self.step_no, row)
-                    if self.step_no % cfg.sample_every == 0 or self.step_no == 1:
+                    write = self.step_no % cfg.sample_every == 0 or self.step_no == 1
+                    if write and self.acc.is_main_process:
                         self.write_samples(rollout)
                     bar.update(
                         self.step_no,
@@ -357,10 +390,12 @@ class PPOTrainer:
                     if stopped or halted:
                         break
             except KeyboardInterrupt:
-                self.checkpoint()
+                if self.world == 1:  # several ranks cannot agree on one here: the last stands
+                    self.checkpoint()
                 metrics.close()
                 raise
         metrics.close()
+        self.acc.wait_for_everyone()  # rank 0 has closed the log
         history = run.metrics()
         first, last = (history[0], history[-1]) if history else ({}, {})
         seconds = time.perf_counter() - t_start
@@ -376,6 +411,7 @@ class PPOTrainer:
             "length_last": last.get("response/length"),
             "episodes_per_s": len(rows) * cfg.ppo.batch_size / seconds if rows else None,
             "precision": self.precision,
+            "processes": self.world,
             "alarms": [a.name for a in self.monitor.fired],
         }
         if halted:
@@ -383,13 +419,16 @@ class PPOTrainer:
         if stopped:
             summary["stopped_at"] = self.step_no
             return summary
-        final = self.acc.unwrap_model(self.policy)
-        if cfg.finetune == "lora":
-            final = merged_policy(cfg.model, final)
-        final.save_pretrained(run.final, safe_serialization=True)
-        self.tok.save_pretrained(run.final)
+        if self.acc.is_main_process:
+            final = self.acc.unwrap_model(self.policy)
+            if cfg.finetune == "lora":
+                final = merged_policy(cfg.model, final)
+            final.save_pretrained(run.final, safe_serialization=True)
+            self.tok.save_pretrained(run.final)
         summary["final"] = str(run.final)
-        run.write_summary(summary)
+        if self.acc.is_main_process:
+            run.write_summary(summary)
+        self.acc.wait_for_everyone()
         self.acc.end_training()
         return summary
 
@@ -497,7 +536,39 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, prompts: list[Prompt]) -> Rollout:
-        """Sample responses, then log π_old, log π_ref and V_old in one pass each."""
+        """Sample responses, then log π_old, log π_ref and V_old in one pass each; score them.
+
+        In W processes this rank samples ``prompts[rank::W]`` and the episodes of all ranks are
+        gathered (:mod:`palate.ppo.distributed`): the returned rollout is the global batch.
+        """
+        tok = self.tok
+        episodes = list(range(len(prompts)))[self.rank :: self.world]  # this rank's share
+        mine = [prompts[i] for i in episodes]
+        local = self._local_rollout(mine, episodes)
+        if self.world > 1:
+            pad = tok.pad_token_id
+            texts = gather_objects(local.pop("texts"), self.world)
+            gathered: dict[str, Any] = gather_episodes(
+                local,
+                world=self.world,
+                pad={
+                    "query_ids": ("left", pad),
+                    "query_mask": ("left", 0),
+                    "response_ids": ("right", pad),
+                    "mask": ("right", 0),
+                    "logprobs": ("right", 0.0),
+                    "ref_logprobs": ("right", 0.0),
+                    "values": ("right", 0.0),
+                },
+            )
+            local = {**gathered, "texts": texts}
+        raw, finished = local.pop("raw_scores"), local["finished"]
+        scores = self._shape_scores(raw.to(self.device), finished)  # on the global batch
+        return Rollout(**local, scores=scores, raw_scores=raw, prompts=prompts)
+
+    def _local_rollout(self, prompts: list[Prompt], episodes: list[int]) -> dict[str, Any]:
+        """This process's episodes: sampled ids, masks, log π_old, log π_ref, V_old, raw
+        scores, decoded texts (``episodes``: their indices in the update's batch)."""
         cfg, tok = self.cfg, self.tok
         query_ids, query_mask = pad_batch(
             [prompt_ids(tok, p)[-cfg.max_prompt_length :] for p in prompts], tok.pad_token_id
@@ -505,12 +576,16 @@ class PPOTrainer:
         width = query_ids.shape[1]
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         self.engine.sync(self.acc.unwrap_model(self.policy))
+        seeds = None
+        if cfg.episode_seeds:  # each episode's noise from (seed, update, episode)
+            seeds = [episode_seed(cfg.seed, self.step_no, i) for i in episodes]
         sampled = self.engine.generate(
             query_ids,
             query_mask,
             cfg.sampling,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            seeds=seeds,
         )
         response = sampled[:, width:]
         if response.shape[1] == 0:
@@ -542,22 +617,19 @@ class PPOTrainer:
             for r, m in zip(response, mask, strict=True)
         ]
         raw = torch.as_tensor(self.score_fn(prompts, texts), dtype=torch.float32).reshape(-1)
-        scores = self._shape_scores(raw.to(self.device), finished)
         mask = mask.float()
-        return Rollout(
-            query_ids=query_ids,
-            query_mask=query_mask,
-            response_ids=response,
-            mask=mask,
-            logprobs=logprobs * mask,
-            ref_logprobs=ref_logprobs * mask,
-            values=(values.float() * mask) if values is not None else torch.zeros_like(mask),
-            scores=scores,
-            raw_scores=raw,
-            finished=finished,
-            texts=texts,
-            prompts=prompts,
-        )
+        return {
+            "query_ids": query_ids,
+            "query_mask": query_mask,
+            "response_ids": response,
+            "mask": mask,
+            "logprobs": logprobs * mask,
+            "ref_logprobs": ref_logprobs * mask,
+            "values": (values.float() * mask) if values is not None else torch.zeros_like(mask),
+            "raw_scores": raw.to(self.device),
+            "finished": finished,
+            "texts": texts,
+        }
 
     def _shape_scores(self, scores: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         shaping = self.cfg.reward
@@ -576,7 +648,11 @@ class PPOTrainer:
         advantages: torch.Tensor,  # (B, T)
         returns: torch.Tensor,  # (B, T)
     ) -> dict[str, float]:
-        """Clipped policy/value updates over minibatches for ``ppo.epochs`` passes."""
+        """Clipped policy/value updates over minibatches for ``ppo.epochs`` passes.
+
+        In W processes each minibatch is split between the ranks; a rank's loss is its share of
+        the minibatch's token mean and the gradients are summed over ranks before the step.
+        """
         cfg = self.cfg.ppo
         B = rollout.response_ids.shape[0]
         width = rollout.query_ids.shape[1]
@@ -585,58 +661,72 @@ class PPOTrainer:
         minibatches = math.ceil(B / cfg.mini_batch_size)
         # kept on the device and read once at the end: a float() per minibatch would make the
         # host wait for the GPU seven times per step
-        stats: dict[str, list[torch.Tensor]] = {}
+        stats: dict[str, list[torch.Tensor]] = {}  # each minibatch's, weighted by this rank's share
+        grad_norms: list[torch.Tensor] = []  # the same on every rank
         self.policy.train()
         stop = False
         epochs_done = 0
+        zero = torch.zeros((), device=self.device)
         for _epoch in range(cfg.epochs):
             epochs_done += 1
             perm = torch.randperm(B).tolist()
+            if self.world > 1:
+                perm = broadcast_list(perm)  # one permutation: rank 0's, as in one process
             for start in range(0, B, cfg.mini_batch_size):
                 idx = perm[start : start + cfg.mini_batch_size]
-                mask = rollout.mask[idx]
-                with autocast(self.device, self.precision):
-                    logp, values, entropy = self._forward(
-                        self.policy, full[idx], full_mask[idx], width, with_entropy=True
+                mine = idx[self.rank :: self.world]
+                terms = dict.fromkeys(_UPDATE_STATS, zero)
+                if mine:
+                    mask = rollout.mask[mine]
+                    # this rank's tokens over the minibatch's: 1 in one process
+                    share = mask.sum() / rollout.mask[idx].sum().clamp(min=1)
+                    with autocast(self.device, self.precision):
+                        logp, values, entropy = self._forward(
+                            self.policy, full[mine], full_mask[mine], width, with_entropy=True
+                        )
+                    pg_loss, clipfrac, approxkl = policy_loss(
+                        logp, rollout.logprobs[mine], advantages[mine], mask, cfg.cliprange
                     )
-                pg_loss, clipfrac, approxkl = policy_loss(
-                    logp, rollout.logprobs[idx], advantages[idx], mask, cfg.cliprange
-                )
-                vf_loss, vf_clipfrac = value_loss(
-                    values.float(),
-                    rollout.values[idx],
-                    returns[idx],
-                    mask,
-                    cfg.cliprange_value,
-                )
-                mean_entropy = masked_mean(entropy, mask)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
-                if cfg.ptx_coef > 0:
-                    loss = loss + cfg.ptx_coef * self._ptx_loss()
-                self.acc.backward(loss)
-                grad_norm = None
+                    vf_loss, vf_clipfrac = value_loss(
+                        values.float(),
+                        rollout.values[mine],
+                        returns[mine],
+                        mask,
+                        cfg.cliprange_value,
+                    )
+                    mean_entropy = masked_mean(entropy, mask)
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
+                    if self.world > 1:
+                        loss = loss * share
+                    if cfg.ptx_coef > 0:
+                        loss = loss + cfg.ptx_coef * self._ptx_loss() / self.world
+                    self.acc.backward(loss)
+                    values_now = (pg_loss, clipfrac, approxkl, vf_loss, vf_clipfrac, mean_entropy)
+                    for key, val in zip(_UPDATE_STATS, values_now, strict=True):
+                        val = val.detach().float()
+                        terms[key] = val * share if self.world > 1 else val
+                if self.world > 1:
+                    all_reduce_gradients(self.params)
                 if self.cfg.optim.max_grad_norm is not None:
-                    grad_norm = self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+                    norm = self.acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
+                    grad_norms.append(torch.as_tensor(norm).detach().float())
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for key, val in (
-                    ("policy/loss", pg_loss),
-                    ("policy/clipfrac", clipfrac),
-                    ("policy/approxkl", approxkl),
-                    ("value/loss", vf_loss),
-                    ("value/clipfrac", vf_clipfrac),
-                    ("objective/entropy", mean_entropy),
-                    ("policy/grad_norm", grad_norm),
-                ):
-                    if val is not None:
-                        stats.setdefault(key, []).append(torch.as_tensor(val).detach().float())
+                for key, val in terms.items():
+                    stats.setdefault(key, []).append(val)
             if cfg.target_approx_kl is not None:
                 recent = torch.stack(stats["policy/approxkl"][-minibatches:]).mean()
+                if self.world > 1:
+                    recent = self.acc.reduce(recent, "sum")
                 if recent.item() > cfg.target_approx_kl:
                     stop = True
                     break
         means = torch.stack([torch.stack(v).mean().to(self.device) for v in stats.values()])
+        if self.world > 1:  # each rank's shares of the token means add up to the global ones
+            means = self.acc.reduce(means, "sum")
         out = dict(zip(stats, means.tolist(), strict=True))
+        if grad_norms:
+            out["policy/grad_norm"] = torch.stack(grad_norms).mean().item()
         out["policy/epochs"] = epochs_done
         out["policy/early_stop"] = float(stop)
         return out
@@ -655,7 +745,14 @@ class PPOTrainer:
     # ----------------------------------------------------------------- state
 
     def checkpoint(self) -> None:
-        """Save a resumable checkpoint of the current update; older ones pruned."""
+        """Save a resumable checkpoint of the current update; older ones pruned. Written by
+        rank 0, with every rank's RNG state (each samples from its own stream)."""
+        rng_by_rank = gather_objects([rng_state()], self.world) if self.world > 1 else None
+        if self.acc.is_main_process:
+            self._write_checkpoint(rng_by_rank)
+        self.acc.wait_for_everyone()
+
+    def _write_checkpoint(self, rng_by_rank: list[Any] | None) -> None:
         from safetensors.torch import save_file
 
         path = self.run.checkpoint_dir(self.step_no)
@@ -667,6 +764,8 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
         }
+        if rng_by_rank is not None:
+            extra["rng_by_rank"] = rng_by_rank
         if self.value_head is not None:
             save_file(self.value_head.state_dict(), path / "value_head.safetensors")
         if self.critic is not None:

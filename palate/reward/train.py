@@ -282,6 +282,7 @@ class RewardTrainer(StepTrainer[RewardConfig]):
             "pairs_per_s": self.pairs_seen / result.seconds if result.seconds else None,
             "train_seconds": result.seconds,
             "precision": self.precision,
+            "processes": self.acc.num_processes,
             "truncated_pairs": self.truncated,
         }
 

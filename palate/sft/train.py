@@ -280,6 +280,7 @@ class SFTTrainer(StepTrainer[SFTConfig]):
             "tokens_per_s": self.tokens_seen / seconds if seconds else None,
             "train_seconds": seconds,
             "precision": self.precision,
+            "processes": self.acc.num_processes,
             "finetune": self.cfg.finetune,
             "truncated_prompts": self.truncated["prompt"],
             "truncated_responses": self.truncated["response"],

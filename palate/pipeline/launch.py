@@ -1,0 +1,134 @@
+"""``palate run``'s training stages in several processes (``launch:`` in a run config).
+
+The run process builds the stage's command, ``accelerate launch ... -m palate.pipeline.launch
+RUN/config.yaml STAGE ROUND [GROUP]``, and waits for it. Each launched process rebuilds the run
+from its config and runs the same trainer call the run process would have made (the same stage
+config, and for PPO the run's gold watching for reward hacking); the trainers shard the data and
+write from rank 0 (see :mod:`palate.ppo.distributed` and :func:`palate.training.run_steps`). The
+run process then reads the stage's ``summary.json``. Other stages (pairs, labels, eval, report)
+stay in the run process.
+
+On a machine without a GPU the processes are CPU processes talking over gloo (there to test
+the mechanics and a config before it goes to GPUs); with GPUs, one process per GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from palate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from palate.pipeline.run import Run
+
+__all__ = ["launch_command", "launched", "main"]
+
+
+def inside_launch() -> bool:
+    """True in a process started by a launcher (torchrun / accelerate set WORLD_SIZE)."""
+    return "WORLD_SIZE" in os.environ
+
+
+def launch_command(run: Run, stage: str, r: int = 0, group: str | None = None) -> list[str]:
+    """The ``accelerate launch`` command line for one training stage of ``run``."""
+    settings = run.cfg.launch
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if settings.config_file is not None:
+        if not Path(settings.config_file).is_file():
+            raise ConfigError(f"launch.config_file {settings.config_file}: no such file")
+        cmd += ["--config_file", settings.config_file]
+    else:
+        # no accelerate config: plain data-parallel processes (torchrun underneath)
+        cmd += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no"]
+        cmd += ["--dynamo_backend", "no"]
+    if settings.num_processes > 1 or settings.config_file is None:
+        cmd += ["--num_processes", str(settings.num_processes)]
+    cmd += ["-m", "palate.pipeline.launch", str(run.root / "config.yaml"), stage, str(r)]
+    return cmd + ([group] if group else [])
+
+
+def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict[str, Any] | None:
+    """Run a training stage through ``accelerate launch`` when the run's ``launch`` settings
+    ask for it (returns its summary); None: run it in this process."""
+    settings = run.cfg.launch
+    if not settings.active or stage not in settings.stages or inside_launch():
+        return None
+    import torch
+
+    cmd = launch_command(run, stage, r, group)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # gloo processes on the CPU
+        env.setdefault("OMP_NUM_THREADS", "1")
+    from palate.progress import console
+
+    console.print(f"[dim]launching {stage} in {settings.num_processes} processes[/dim]")
+    done = subprocess.run(cmd, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"stage {stage}: the launched processes failed (exit code {done.returncode}); the "
+            f"stage is left partial and continues on the next run. Command: {' '.join(cmd)}"
+        )
+    return _summary(run, stage, r, group)
+
+
+def _summary(run: Run, stage: str, r: int, group: str | None) -> dict[str, Any]:
+    from palate.rundir import RunDir
+
+    out = Path(_stage_config(run, stage, r, group).output_dir)
+    summary = RunDir(out).read_summary()
+    if not summary:
+        raise RuntimeError(f"stage {stage}: the launched processes wrote no {out}/summary.json")
+    return summary
+
+
+def _stage_config(run: Run, stage: str, r: int, group: str | None) -> Any:
+    from palate.pipeline import stages
+
+    if stage == "sft":
+        return stages.sft_config(run)
+    if stage == "reward":
+        return stages.reward_config(run, r, group)
+    if stage == "ppo":
+        return stages.ppo_config(run, r)
+    raise ValueError(f"not a training stage: {stage!r}")
+
+
+def run_here(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict[str, Any]:
+    """The trainer call of a training stage, in this process (and, launched, in each)."""
+    cfg = _stage_config(run, stage, r, group)
+    if stage == "sft":
+        from palate.sft import sft
+
+        return sft(cfg)
+    if stage == "reward":
+        from palate.reward import train_reward
+
+        return train_reward(cfg)
+    from palate.ppo import ppo
+
+    # the gold watches for reward hacking during training (the policy never sees it)
+    return ppo(cfg, gold_fn=run.gold())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m palate.pipeline.launch RUN/config.yaml STAGE ROUND [GROUP]`` (one process of
+    a launch)."""
+    from palate.config import load_config
+    from palate.pipeline.config import RunConfig
+    from palate.pipeline.run import Run
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (3, 4):
+        raise SystemExit("usage: python -m palate.pipeline.launch CONFIG STAGE ROUND [GROUP]")
+    config, stage, r = args[0], args[1], int(args[2])
+    run = Run(load_config(RunConfig, config, []))
+    run_here(run, stage, r, args[3] if len(args) == 4 else None)
+
+
+if __name__ == "__main__":
+    main()
