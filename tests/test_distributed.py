@@ -316,3 +316,26 @@ def test_launch_commands_and_the_shipped_accelerate_configs(tmp_path: Path) -> N
     assert both[both.index("--config_file") + 1] == ddp and "--multi_gpu" not in both
     with pytest.raises(ConfigError, match="launch.config_file nowhere.yaml: no such file"):
         command("launch.config_file=nowhere.yaml")
+
+
+def test_gradient_buckets_put_every_gradient_back(tmp_path: Path) -> None:
+    """One process (world 1: the all-reduce is the identity): the flattening into buckets of
+    3 elements and back returns every gradient to its parameter, zeros where there was none."""
+    import torch.distributed as dist
+
+    from palate.ppo.distributed import all_reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in ((2, 2), (5,), (1,), (3,))]
+        want = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, want, strict=True):
+            p.grad = g.clone()
+        params[2].grad = None
+        before = [p.grad for p in params]
+        all_reduce_gradients(params, bucket=3)
+        want[2] = torch.zeros(1)
+        for p, g, old in zip(params, want, before, strict=True):
+            assert p.grad is not old and torch.equal(p.grad, g)  # reduced and put back
+    finally:
+        dist.destroy_process_group()

@@ -66,7 +66,9 @@ def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict
         env.setdefault("OMP_NUM_THREADS", "1")
     from palate.progress import console
 
-    console.print(f"[dim]launching {stage} in {settings.num_processes} processes[/dim]")
+    n = settings.num_processes
+    count = f"{n} processes" if n > 1 else f"the processes of {settings.config_file}"
+    console.print(f"[dim]launching {stage}: accelerate launch, {count}[/dim]")
     done = subprocess.run(cmd, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(

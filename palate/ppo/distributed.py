@@ -93,14 +93,22 @@ def gather_objects(items: Sequence[Any], world: int) -> list[Any]:
     return [flat[k] for k in global_order(len(flat), world)]
 
 
-def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
+def all_reduce_gradients(params: Sequence[torch.nn.Parameter], bucket: int = 2**25) -> None:
     """Sum the gradients over ranks (a parameter without a gradient counts as zeros: a rank
-    whose share of a minibatch was empty)."""
+    whose share of a minibatch was empty). Flattened into buckets of up to ``bucket`` elements
+    per dtype (one all-reduce each, as DDP's buckets), so full fine-tuning does not need a
+    second copy of every gradient at once."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    buckets: list[list[int]] = []
+    open_bucket: dict[torch.dtype, tuple[list[int], int]] = {}
     for k, g in enumerate(grads):
-        by_dtype.setdefault(g.dtype, []).append(k)
-    for idx in by_dtype.values():  # one flat all-reduce per dtype
+        idx, size = open_bucket.get(g.dtype, ([], 0))
+        if idx and size + g.numel() > bucket:
+            buckets.append(idx)
+            idx, size = [], 0
+        open_bucket[g.dtype] = (idx + [k], size + g.numel())
+    buckets += [idx for idx, _ in open_bucket.values()]
+    for idx in buckets:
         flat = torch.cat([grads[k].reshape(-1) for k in idx])
         dist.all_reduce(flat)
         offset = 0
