@@ -59,6 +59,7 @@ def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict
         return None
     import torch
 
+    out = Path(_stage_config(run, stage, r, group).output_dir)  # checked before launching
     cmd = launch_command(run, stage, r, group)
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -75,13 +76,8 @@ def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict
             f"stage {stage}: the launched processes failed (exit code {done.returncode}); the "
             f"stage is left partial and continues on the next run. Command: {' '.join(cmd)}"
         )
-    return _summary(run, stage, r, group)
-
-
-def _summary(run: Run, stage: str, r: int, group: str | None) -> dict[str, Any]:
     from palate.rundir import RunDir
 
-    out = Path(_stage_config(run, stage, r, group).output_dir)
     summary = RunDir(out).read_summary()
     if not summary:
         raise RuntimeError(f"stage {stage}: the launched processes wrote no {out}/summary.json")
@@ -100,8 +96,16 @@ def _stage_config(run: Run, stage: str, r: int, group: str | None) -> Any:
     raise ValueError(f"not a training stage: {stage!r}")
 
 
-def run_here(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict[str, Any]:
-    """The trainer call of a training stage, in this process (and, launched, in each)."""
+def run_here(
+    run: Run,
+    stage: str,
+    r: int = 0,
+    group: str | None = None,
+    *,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """The trainer call of a training stage, in this process (and, launched, in each);
+    ``stop_after``: PPO stops after that update (the library's "as if interrupted")."""
     cfg = _stage_config(run, stage, r, group)
     if stage == "sft":
         from palate.sft import sft
@@ -114,7 +118,7 @@ def run_here(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict
     from palate.ppo import ppo
 
     # the gold watches for reward hacking during training (the policy never sees it)
-    return ppo(cfg, gold_fn=run.gold())
+    return ppo(cfg, stop_after=stop_after, gold_fn=run.gold())
 
 
 def main(argv: list[str] | None = None) -> None:

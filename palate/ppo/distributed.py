@@ -70,14 +70,16 @@ def gather_episodes(
     ``left`` for left-padded prompts, ``right`` for responses (and their masks, log-probs).
     """
     out: dict[str, torch.Tensor] = {}
-    b = next(iter(tensors.values())).shape[0]
-    order = torch.tensor(global_order(b * world, world))
+    first = next(iter(tensors.values()))
+    order = torch.tensor(global_order(first.shape[0] * world, world))
+    padded = [name for name in tensors if name in pad]
+    widths = torch.tensor([tensors[name].shape[1] for name in padded], device=first.device)
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX)  # every padded width in one all-reduce
+    widest = dict(zip(padded, widths.tolist(), strict=True))
     for name, x in tensors.items():
         if name in pad:
             side, value = pad[name]
-            width = torch.tensor([x.shape[1]], device=x.device)
-            dist.all_reduce(width, op=dist.ReduceOp.MAX)
-            extra = int(width) - x.shape[1]
+            extra = widest[name] - x.shape[1]
             if extra:
                 spec = (extra, 0) if side == "left" else (0, extra)
                 x = torch.nn.functional.pad(x, spec, value=value)
