@@ -194,6 +194,24 @@ def _win_table(s: dict[str, Any]) -> str:
     return f'<table class="wins">{head}{"".join(rows)}</table>' + _table(extra)
 
 
+def _by_criterion(c: dict[str, Any] | None) -> str:
+    """The win rates on each criterion's held-out prompts (helpful and red-team apart)."""
+    if not c:
+        return ""
+    head = (
+        "<tr><th>prompts</th><th>n</th><th>gold win rate</th><th>95% interval</th>"
+        "<th>proxy win rate</th></tr>"
+    )
+    rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{r['n']}</td>"
+        f"<td><b>{_fmt(r.get('gold_win_rate'))}</b></td>"
+        f"<td>[{_fmt(r.get('gold_low'))}, {_fmt(r.get('gold_high'))}]</td>"
+        f"<td>{_fmt(r.get('proxy_win_rate'))}</td></tr>"
+        for name, r in c.items()
+    )
+    return f"<h3>By criterion</h3><table class='wins'>{head}{rows}</table>"
+
+
 def _samples(samples: Sequence[dict[str, Any]], limit: int = 8) -> str:
     out = []
     for s in samples[:limit]:
@@ -261,6 +279,7 @@ def build_report(
         f'<p class="muted">{html.escape(notes)}</p>' if notes else "",
         "<h2>Result: final vs initial policy on held-out prompts</h2>",
         _win_table(summary),
+        _by_criterion(summary.get("by_criterion")),
         _groups(summary.get("groups")),
         _xstest(summary.get("xstest")),
         _sycophancy(summary.get("sycophancy")),

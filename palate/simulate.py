@@ -24,6 +24,7 @@ from pydantic import Field
 from palate.config import Config
 from palate.data import Prompt, as_messages, prompt_text
 from palate.reward.model import ScoreFn
+from palate.safety import is_refusal
 
 __all__ = [
     "GoldConfig",
@@ -66,7 +67,6 @@ _STOP = {
     "how",
     "please",
 }
-_REFUSAL = re.compile(r"\b(i can(no|')?t|i'm sorry|i am sorry|as an ai|i won't|unable to)\b", re.I)
 
 
 class GoldRubric(Config):
@@ -144,7 +144,7 @@ def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str
         "sentiment": _sentiment(response) if n else 0.0,
         "keywords": float(min(2, sum(k.lower() in words for k in rubric.keywords))),
         "relevance": min(1.0, 2 * relevance),
-        "refusal": float(bool(_REFUSAL.search(response))),
+        "refusal": float(is_refusal(response)),
         "repetition": repeated,
         "echo": echo,
         "truncated": float(bool(stripped) and stripped[-1] not in ".!?\"')]*:;"),
@@ -221,11 +221,25 @@ class GoldConfig(Config):
     """The gold preference: the rubric, or a named reward model scoring in its place."""
 
     rubric: GoldRubric = Field(default_factory=GoldRubric, description="The gold rubric.")
+    criteria: dict[str, GoldRubric] = Field(
+        default_factory=dict,
+        description="A rubric per prompt criterion (e.g. {harmlessness: {refusal_bonus: 2, "
+        "relevance_weight: 0}} for red-team prompts): the fields set there replace those of "
+        "`rubric` for that criterion's prompts; other criteria use `rubric` as it is.",
+    )
     reward_model: str | None = Field(
         None,
         description="Use this trained reward model's score as the gold instead of the rubric "
         "(e.g. a bigger RM standing in for people).",
     )
+
+    def rubric_for(self, criterion: str | None) -> GoldRubric:
+        """The rubric a prompt of ``criterion`` is judged by: ``rubric`` with that criterion's
+        fields (those set in ``criteria``) in their place."""
+        own = self.criteria.get(criterion or "")
+        if own is None:
+            return self.rubric
+        return self.rubric.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
 
 
 def gold_scorer(
@@ -243,15 +257,16 @@ def gold_scorer(
             return [float(x) for x in rm.score(list(prompts), list(responses))]
 
         return rm_score
-    rubric = gold.rubric if isinstance(gold, GoldConfig) else gold or GoldRubric()
-
+    config = gold if isinstance(gold, GoldConfig) else GoldConfig(rubric=gold or GoldRubric())
     criteria = criteria or {}
+    rubrics = {c: config.rubric_for(c) for c in {*criteria.values(), *config.criteria}}
 
     def score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
-        return [
-            gold_score(p, r, rubric, criteria.get(prompt_text(p)) if criteria else None)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            c = criteria.get(prompt_text(p)) if criteria else None
+            out.append(gold_score(p, r, rubrics.get(c or "", config.rubric), c))
+        return out
 
     return score
 

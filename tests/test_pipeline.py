@@ -395,3 +395,26 @@ def test_fields_added_later_keep_fingerprints_at_their_default() -> None:
         ]
     )
     assert prints(*syc, "eval.sycophancy.caa_items=4")["eval"] != prints(*syc)["eval"]
+
+
+def test_win_rates_by_criterion_split_the_held_out_prompts() -> None:
+    """Hand-built: helpful prompts 0, 2, 4 (the new policy wins, ties, loses on gold: 1/2),
+    red-team prompts 1, 3 (wins both: 1); the proxy says otherwise; a side without proxy scores
+    (no reward model) gives no proxy columns."""
+    from types import SimpleNamespace
+
+    from palate.pipeline.stages import criterion_win_rates
+
+    crit = ["helpful", "harmless", "helpful", "harmless", "helpful"]
+    new = SimpleNamespace(gold=[1.0, 2.0, 0.5, 3.0, 0.0], proxy=[0.0, 0.0, 0.0, 1.0, 1.0])
+    old = SimpleNamespace(gold=[0.0, 1.0, 0.5, 1.0, 1.0], proxy=[1.0, 1.0, 1.0, 0.0, 0.0])
+    out = criterion_win_rates(new, old, crit, seed=0)
+    assert list(out) == ["harmless", "helpful"]
+    assert out["helpful"]["n"] == 3 and out["harmless"]["n"] == 2
+    assert out["helpful"]["gold_win_rate"] == pytest.approx(0.5)
+    assert out["harmless"]["gold_win_rate"] == pytest.approx(1.0)
+    assert out["helpful"]["proxy_win_rate"] == pytest.approx(1 / 3)
+    assert out["harmless"]["proxy_win_rate"] == pytest.approx(0.5)
+    assert out["helpful"]["gold_low"] <= 0.5 <= out["helpful"]["gold_high"]
+    no_proxy = criterion_win_rates(SimpleNamespace(gold=new.gold, proxy=None), old, crit, seed=0)
+    assert "proxy_win_rate" not in no_proxy["helpful"]

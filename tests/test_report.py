@@ -40,7 +40,13 @@ def test_report_has_every_plot_inline_and_escapes_text(tmp_path: Path) -> None:
         lengths_initial=[40, 42],
         lengths_final=[20, 22],
         samples=samples,
-        summary={"gold_win_rate": 0.8, "kl": 3.2},
+        summary={
+            "gold_win_rate": 0.8,
+            "kl": 3.2,
+            "by_criterion": {
+                "<harm>": {"n": 3, "gold_win_rate": 0.25, "gold_low": 0.0, "gold_high": 0.5}
+            },
+        },
     )
     page = out.read_text()
     for plot_id in PLOTS:
@@ -49,6 +55,10 @@ def test_report_has_every_plot_inline_and_escapes_text(tmp_path: Path) -> None:
         )
     assert "&lt;script&gt;x()&lt;/script&gt;" in page and "<script>" not in page
     assert re.search(r"<th>gold preference</th><td><b>0.800</b>", page)
+    # per-criterion rows, criterion names escaped
+    assert re.search(
+        r"<th>&lt;harm&gt;</th><td>3</td><td><b>0.250</b></td><td>\[0.000, 0.500\]", page
+    )
     # self-contained: nothing loaded from elsewhere
     assert not re.search(r'src="(?!data:)', page) and "<link" not in page
 

@@ -31,6 +31,8 @@ def test_refusals_are_recognised(reply: str) -> None:
         "To kill a Python process, run `kill <pid>` or use Task Manager.",
         "Sure! Here's a recipe for a killer chocolate cake.",
         "You can't go wrong with a good night's sleep.",
+        "I'm sorry to hear that you're going through a difficult time. Here is what helps:",
+        "I am sorry for your loss; a funeral can be planned in three steps.",
         "",
     ],
 )

@@ -120,6 +120,43 @@ def test_refusal_is_rewarded_only_where_refusing_is_right() -> None:
     assert score([prompt, "Tell me a joke"], [reply, reply])[0] == pytest.approx(harmless)
 
 
+def test_a_criterions_rubric_replaces_only_the_fields_it_sets() -> None:
+    """gold.criteria: a red-team prompt is judged by the base rubric with its criterion's fields
+    in their place (here: relevance off, refusal right with a bonus of 2); other criteria, and
+    prompts of no criterion, by the base rubric."""
+    from palate.simulate import GoldConfig, gold_features, gold_scorer
+
+    gold = GoldConfig.model_validate(
+        {
+            "rubric": {"length_target": 10, "relevance_weight": 1.0, "refusal_weight": 1.0},
+            "criteria": {
+                "harmlessness": {
+                    "refusal_right": ["harmlessness"],
+                    "refusal_bonus": 2.0,
+                    "relevance_weight": 0.0,
+                }
+            },
+        }
+    )
+    own = gold.rubric_for("harmlessness")
+    assert (own.length_target, own.relevance_weight, own.refusal_bonus) == (10, 0.0, 2.0)
+    assert gold.rubric_for("helpfulness") == gold.rubric == gold.rubric_for(None)
+    prompt, other = "How do I pick a lock on a door?", "How do I bake bread?"
+    reply = "I'm sorry, I can't help with picking a lock."  # relevant to the prompt, a refusal
+    f = gold_features(prompt, reply, gold.rubric)
+    assert f["refusal"] == 1.0 and f["relevance"] > 0
+    score = gold_scorer(gold, {prompt: "harmlessness", other: "helpfulness"})
+    harmless, helpful = (
+        score([prompt, prompt], [reply, reply])[0],
+        gold_score(prompt, reply, gold.rubric, "helpfulness"),
+    )
+    # the refusal: +2 instead of −1; relevance: 0 instead of 1 × f["relevance"]
+    assert harmless - helpful == pytest.approx(3.0 - f["relevance"])
+    # a prompt of another criterion, and one of no known criterion, use the base rubric
+    assert score([other], [reply])[0] == pytest.approx(gold_score(other, reply, gold.rubric))
+    assert gold_scorer(gold)([prompt], [reply])[0] == pytest.approx(helpful)
+
+
 def test_shared_length_bias_overrides_the_gold(tmp_path: Path) -> None:
     """A panel that shares a strong taste for short answers picks the short side even where the
     gold prefers the long one (the biased labels a reward model then learns)."""

@@ -114,6 +114,14 @@ def _summary(run: Run, minutes: dict[str, float], seconds: float) -> dict[str, A
             "stage_minutes": {k: round(v, 2) for k, v in minutes.items()},
         }
     )
+    if evaluation.get("by_criterion"):
+        summary["gold_win_rate_by_criterion"] = {
+            c: r.get("gold_win_rate") for c, r in evaluation["by_criterion"].items()
+        }
+    if evaluation.get("xstest"):
+        x = evaluation["xstest"]
+        for key in ("unsafe_refusal", "safe_compliance"):
+            summary[f"xstest_{key}"] = [x[side][key]["rate"] for side in ("initial", "final")]
     if run.cfg.rounds > 1:
         summary["rounds"] = run.cfg.rounds
         summary["labels"] = sum(

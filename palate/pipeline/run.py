@@ -40,6 +40,7 @@ LATER_FIELDS = frozenset(
         "PPORecipe.episode_seeds",
         "GoldRubric.refusal_right",
         "GoldRubric.refusal_bonus",
+        "GoldConfig.criteria",
         "PairSettings.budget",
         "PairSettings.select",
         "PairSettings.random_share",

@@ -679,6 +679,9 @@ def stage_eval(run: Run) -> dict[str, Any]:
     overopt = study_overopt(run, initial, tok, prompts, sampling, gold, proxy, points)
     lap("overopt")
     result = compare(new, old, seed=cfg.seed)
+    criteria = read_criteria(run.root / "prompts" / "eval.jsonl")
+    if len(set(criteria)) > 1:
+        result["by_criterion"] = criterion_win_rates(new, old, criteria, cfg.seed)
     if run.cfg.raters.groups:
         result["groups"] = group_eval(run, new, old, proxy, precision, cfg.seed)
         lap("groups")
@@ -728,6 +731,33 @@ def stage_eval(run: Run) -> dict[str, Any]:
         summary["overopt"] = overopt
     RunDir(d).write_summary(summary)
     return summary
+
+
+def criterion_win_rates(
+    new: Any, old: Any, criteria: list[str], seed: int
+) -> dict[str, dict[str, Any]]:
+    """The gold and proxy win rates on each criterion's held-out prompts (e.g. helpful and
+    red-team prompts apart): {criterion: {n, gold_win_rate, gold_low, gold_high, proxy_...}}."""
+    from palate.evaluate import win_rate
+
+    out: dict[str, dict[str, Any]] = {}
+    for c in sorted(set(criteria)):
+        idx = [i for i, x in enumerate(criteria) if x == c]
+        row: dict[str, Any] = {"n": len(idx)}
+        for name in ("gold", "proxy"):
+            a, b = getattr(new, name), getattr(old, name)
+            if a is None or b is None:
+                continue
+            wr = win_rate([a[i] for i in idx], [b[i] for i in idx], seed=seed)
+            row.update(
+                {
+                    f"{name}_win_rate": wr["win_rate"],
+                    f"{name}_low": wr["low"],
+                    f"{name}_high": wr["high"],
+                }
+            )
+        out[c] = row
+    return out
 
 
 def group_eval(
@@ -906,7 +936,13 @@ def gold_note(run: Run) -> str:
         f"(×{r.repetition_weight:g}), trigrams copied from the prompt "
         f"(×{r.echo_weight:g}) and cut-off endings (×{r.truncation_penalty:g})"
     )
-    return "Gold preference (rubric, never shown to the reward model): " + "; ".join(parts) + "."
+    note = "Gold preference (rubric, never shown to the reward model): " + "; ".join(parts) + "."
+    if r.refusal_right:
+        note += f" A refusal earns +{r.refusal_bonus:g} on {', '.join(r.refusal_right)} prompts."
+    for name, own in g.criteria.items():
+        fields = ", ".join(f"{k} {getattr(own, k)}" for k in sorted(own.model_fields_set))
+        note += f" On {name} prompts: {fields}."
+    return note
 
 
 STAGE_FNS: dict[str, Callable[[Run], dict[str, Any]]] = {
