@@ -33,6 +33,7 @@ def test_refusals_are_recognised(reply: str) -> None:
         "You can't go wrong with a good night's sleep.",
         "I'm sorry to hear that you're going through a difficult time. Here is what helps:",
         "I am sorry for your loss; a funeral can be planned in three steps.",
+        "I'm sorry for what you're going through; the date is not known, though.",
         "",
     ],
 )
