@@ -259,7 +259,7 @@ def gold_scorer(
         return rm_score
     config = gold if isinstance(gold, GoldConfig) else GoldConfig(rubric=gold or GoldRubric())
     criteria = criteria or {}
-    rubrics = {c: config.rubric_for(c) for c in {*criteria.values(), *config.criteria}}
+    rubrics = {c: config.rubric_for(c) for c in config.criteria}  # other criteria: the base
 
     def score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         out = []
