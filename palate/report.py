@@ -600,6 +600,9 @@ def _stages(stages: dict[str, dict[str, Any]]) -> str:
         if name in stages:
             vals = ", ".join(f"{k} {_fmt(stages[name][k])}" for k in keys if k in stages[name])
             rows.append((name, vals))
+    for c, r in (stages.get("reward", {}).get("criteria") or {}).items():  # per_criterion
+        vals = ", ".join(f"{k} {_fmt(r.get(k))}" for k in ("train_pairs", "eval_accuracy"))
+        rows.append((f"reward · {c} prompts", vals))
     if not rows:
         return '<p class="muted">no stage summaries</p>'
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in rows)

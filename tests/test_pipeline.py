@@ -378,6 +378,9 @@ def test_fields_added_later_keep_fingerprints_at_their_default() -> None:
 
     plain = prints()
     assert prints("reward.train.group_by_prompt=false", "pairs.select=random") == plain
+    assert prints("reward.per_criterion=false") == plain
+    routed = prints("reward.per_criterion=true")
+    assert routed["labels"] == plain["labels"] and routed["reward"] != plain["reward"]
     # how a run executes is no setting of any stage
     assert prints("launch.num_processes=2", "ppo.episode_seeds=false") == plain
     assert prints("ppo.episode_seeds=true")["ppo"] != plain["ppo"]
@@ -418,3 +421,68 @@ def test_win_rates_by_criterion_split_the_held_out_prompts() -> None:
     assert out["helpful"]["gold_low"] <= 0.5 <= out["helpful"]["gold_high"]
     no_proxy = criterion_win_rates(SimpleNamespace(gold=new.gold, proxy=None), old, crit, seed=0)
     assert "proxy_win_rate" not in no_proxy["helpful"]
+
+
+def test_one_reward_model_per_criterion_routes_ppo_and_the_proxy(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """``reward.per_criterion``: helpful and red-team prompts get a reward model each, trained
+    on their own labels and normalised on the policy's samples of their own prompts; PPO and
+    the evaluation's proxy score each prompt with its criterion's model."""
+    from palate.data import prompt_text
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import ppo_config, run_scorer
+    from palate.ppo.trainer import PPOTrainer
+    from palate.reward import RoutedScorer, load_reward_model
+
+    out = tmp_path / "run"
+    red_team = shared_data / "hh-harmless-dev.jsonl"
+    sets = tiny_overrides(out, shared_data / "helpful-prompts.jsonl") + [
+        f'prompts.more=[{{file: "{red_team}", criterion: harmlessness, max_prompts: 20}}]',
+        "reward.per_criterion=true",
+        "gold.rubric.refusal_right=[harmlessness]",
+        "eval.sycophancy=null",
+        "eval.overopt=null",
+    ]
+    cfg = load_config(RunConfig, QUICKSTART, sets)
+    summary = run_pipeline(cfg)
+    run = Run(cfg)
+    criteria = run.criteria()
+    rows = [json.loads(x) for x in (out / "labels" / "comparisons.jsonl").read_text().splitlines()]
+    reward = json.loads((out / "reward" / "summary.json").read_text())
+    assert set(reward["criteria"]) == {"harmlessness", "helpfulness"}
+    assert set(summary["reward_accuracy_by_criterion"]) == {"harmlessness", "helpfulness"}
+    pair_prompts = {
+        prompt_text(json.loads(x)["prompt"])
+        for x in (out / "pairs" / "samples.jsonl").read_text().splitlines()
+    }
+    for c, got in reward["criteria"].items():
+        mine = [r for r in rows if r["metadata"]["criterion"] == c]
+        data = (out / "labels" / "criteria" / f"{c}.jsonl").read_text().splitlines()
+        assert len(data) == len(mine) == got["train_pairs"] + got["eval_pairs"] > 0
+        assert all(json.loads(x)["metadata"]["criterion"] == c for x in data)
+        own = json.loads((out / "reward" / "criteria" / c / "summary.json").read_text())
+        samples = out / "labels" / "criteria" / f"{c}-samples.jsonl"
+        assert own["normalize_source"] == str(samples)
+        n_prompts = sum(criteria[p] == c for p in pair_prompts)
+        assert own["normalize_samples"] == 4 * n_prompts  # 4 samples per prompt, its own only
+        assert {criteria[prompt_text(json.loads(x)["prompt"])] for x in samples.open()} == {c}
+    routes = {c: str(out / "reward" / "criteria" / c / "final") for c in reward["criteria"]}
+    ppo = ppo_config(run)
+    assert ppo.reward.routes == routes
+    trainer = PPOTrainer(ppo)
+    assert isinstance(trainer.score_fn, RoutedScorer)
+    assert set(trainer.score_fn.routes) == set(routes)
+    assert trainer.score_fn.criterion_of == trainer.criteria
+    assert set(trainer.criteria.values()) == set(routes)
+    assert all(criteria[p] == c for p, c in trainer.criteria.items())
+    # the proxy of the evaluation: each held-out prompt scored by its criterion's model
+    samples = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert {criteria[prompt_text(s["prompt"])] for s in samples} == set(routes)
+    proxy = run_scorer(run, 0, run.precision())
+    got = proxy([s["prompt"] for s in samples], [s["new"] for s in samples]).tolist()
+    assert got == pytest.approx([s["proxy_new"] for s in samples], rel=1e-3, abs=1e-3)
+    pooled = load_reward_model(out / "reward" / "final")
+    pooled.precision = run.precision()
+    other = pooled.score([s["prompt"] for s in samples], [s["new"] for s in samples]).tolist()
+    assert other != pytest.approx(got, rel=1e-3, abs=1e-3)

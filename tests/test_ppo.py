@@ -205,6 +205,8 @@ def test_config_needs_one_reward_source(tmp_path: Path) -> None:
         load_config(PPOConfig, None, base)
     with pytest.raises(ConfigError, match="exactly one"):
         load_config(PPOConfig, None, [*base, "reward.model=rm", "reward.function=m:f"])
+    with pytest.raises(ConfigError, match="reward.routes needs reward.model"):
+        load_config(PPOConfig, None, [*base, "reward.function=m:f", "reward.routes={a: rm}"])
     with pytest.raises(ConfigError, match="multiple of ppo.mini_batch_size"):
         load_config(PPOConfig, None, [*base, "reward.model=rm", "ppo.batch_size=6"])
 

@@ -523,3 +523,99 @@ def test_normalisation_on_given_responses_and_bad_rows(tmp_path: Path) -> None:
 
     with pytest.raises(PalateError, match="bad.jsonl"):
         train_reward(bad)
+
+
+# ---------------------------------------------------------------- one reward model per criterion
+
+
+def test_routed_scorer_scores_each_prompt_with_its_criterions_model() -> None:
+    """Hand-built scorers: each prompt gets its criterion's score, in the input order; a
+    criterion without a route and an unknown prompt get the default's."""
+    from palate.reward import RoutedScorer
+    from palate.reward.routed import reward_models
+
+    calls: list[tuple[str, int]] = []
+
+    def scorer(name: str, base: float):
+        def score(prompts, responses):
+            calls.append((name, len(prompts)))
+            return [base + len(r) for r in responses]
+
+        return score
+
+    routed = RoutedScorer(
+        {"harmlessness": scorer("harm", 100.0), "helpfulness": scorer("help", 10.0)},
+        scorer("pooled", 0.0),
+        {"bomb?": "harmlessness", "poem?": "helpfulness", "tea?": "honesty"},
+    )
+    prompts = ["poem?", "bomb?", "tea?", "poem?", "unseen?", "bomb?"]
+    responses = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff"]
+    got = routed(prompts, responses)
+    assert got.tolist() == [11.0, 102.0, 3.0, 14.0, 5.0, 106.0]
+    # one call per route, each with its own prompts only
+    assert sorted(calls) == [("harm", 2), ("help", 2), ("pooled", 2)]
+    assert routed.route([{"role": "user", "content": "bomb?"}]) is None  # another text
+    assert reward_models(routed) == [] and reward_models(len) == []
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        routed(["a", "b"], ["x"])
+
+
+def test_per_criterion_reward_models_learn_opposite_tastes(tmp_path: Path) -> None:
+    """Helpfulness raters want 'banana' in a reply, harmlessness raters want it absent, on
+    prompts that look alike (the criterion is only in the prompts' metadata). One reward model
+    per criterion, routed by criterion, orders held-out pairs of both kinds as their raters do;
+    the pooled model, trained on the same labels, cannot (they contradict)."""
+    from palate.reward import RoutedScorer, load_reward_model
+
+    pairs = marker_pairs(320, seed=1)
+    crit = {c.prompt: ("helpfulness" if i % 2 else "harmlessness") for i, c in enumerate(pairs)}
+
+    def labelled(c: Comparison) -> Comparison:  # harmlessness: the reply without banana wins
+        if crit[c.prompt] == "helpfulness":
+            return c
+        return Comparison(prompt=c.prompt, chosen=c.rejected, rejected=c.chosen)
+
+    train, held = pairs[:240], pairs[240:]  # held-out prompts, the same for every model
+    models = {}
+    for name in ("helpfulness", "harmlessness", "pooled"):
+        mine = [c for c in train if name in ("pooled", crit[c.prompt])]
+        write_jsonl(tmp_path / f"{name}.jsonl", [labelled(c) for c in mine])
+        write_jsonl(
+            tmp_path / f"{name}-eval.jsonl",
+            [labelled(c) for c in held if name in ("pooled", crit[c.prompt])],
+        )
+        cfg = load_config(
+            RewardConfig,
+            None,
+            [
+                "model=tiny",
+                f"data={tmp_path / name}.jsonl",
+                f"eval_data={tmp_path / name}-eval.jsonl",
+                f"output_dir={tmp_path / name}",
+                "max_length=48",
+                "optim.lr=3e-3",
+                "train.epochs=6",
+                "train.batch_size=16",
+                "precision=fp32",
+            ],
+        )
+        models[name] = load_reward_model(train_reward(cfg)["final"])
+
+    def score_with(name: str):
+        return lambda p, r: models[name].score(p, r)
+
+    routed = RoutedScorer(
+        {c: score_with(c) for c in ("helpfulness", "harmlessness")}, score_with("pooled"), crit
+    )
+    want = [crit[c.prompt] == "helpfulness" for c in held]  # True: the banana reply should win
+    prompts = [c.prompt for c in held]
+
+    def agreement(fn) -> float:
+        banana = torch.as_tensor(fn(prompts, [c.chosen for c in held]))
+        plain = torch.as_tensor(fn(prompts, [c.rejected for c in held]))
+        right = [(d > 0) == w for d, w in zip((banana - plain).tolist(), want, strict=True)]
+        return sum(right) / len(held)
+
+    routed_ok, pooled_ok = agreement(routed), agreement(score_with("pooled"))
+    print(f"\nheld-out agreement: routed {routed_ok:.2f}, pooled {pooled_ok:.2f}")
+    assert routed_ok >= 0.9 and pooled_ok < 0.7

@@ -114,6 +114,10 @@ def _summary(run: Run, minutes: dict[str, float], seconds: float) -> dict[str, A
             "stage_minutes": {k: round(v, 2) for k, v in minutes.items()},
         }
     )
+    if reward.get("criteria"):  # reward.per_criterion: each criterion's model, held out
+        summary["reward_accuracy_by_criterion"] = {
+            c: r.get("eval_accuracy") for c, r in reward["criteria"].items()
+        }
     if evaluation.get("by_criterion"):
         summary["gold_win_rate_by_criterion"] = {
             c: r.get("gold_win_rate") for c, r in evaluation["by_criterion"].items()

@@ -242,6 +242,14 @@ class RunReward(RewardRecipe):
     split_by: Literal["comparison", "prompt"] = Field(
         "prompt", description="Held-out accuracy on whole prompts (k samples → several pairs each)."
     )
+    per_criterion: bool = Field(
+        False,
+        description="Also train one reward model per prompt criterion (reward/criteria/<name>, "
+        "each on its own criterion's labels, normalised on the policy's samples of its own "
+        "prompts); PPO and the evaluation's proxy score each prompt with its criterion's model "
+        "(Llama 2's separate safety and helpfulness reward models). Pair selection still uses "
+        "the pooled model.",
+    )
 
 
 class RunPPO(PPORecipe):

@@ -1,7 +1,7 @@
 """``palate run``'s training stages in several processes (``launch:`` in a run config).
 
 The run process builds the stage's command, ``accelerate launch ... -m palate.pipeline.launch
-RUN/config.yaml STAGE ROUND [GROUP]``, and waits for it. Each launched process rebuilds the run
+RUN/config.yaml STAGE ROUND [PART]``, and waits for it. Each launched process rebuilds the run
 from its config and runs the same trainer call the run process would have made (the same stage
 config, and for PPO the run's gold watching for reward hacking); the trainers shard the data and
 write from rank 0 (see :mod:`palate.ppo.distributed` and :func:`palate.training.run_steps`). The
@@ -33,7 +33,7 @@ def inside_launch() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def launch_command(run: Run, stage: str, r: int = 0, group: str | None = None) -> list[str]:
+def launch_command(run: Run, stage: str, r: int = 0, part: str | None = None) -> list[str]:
     """The ``accelerate launch`` command line for one training stage of ``run``."""
     settings = run.cfg.launch
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -48,10 +48,10 @@ def launch_command(run: Run, stage: str, r: int = 0, group: str | None = None) -
     if settings.num_processes > 1 or settings.config_file is None:
         cmd += ["--num_processes", str(settings.num_processes)]
     cmd += ["-m", "palate.pipeline.launch", str(run.root / "config.yaml"), stage, str(r)]
-    return cmd + ([group] if group else [])
+    return cmd + ([part] if part else [])
 
 
-def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict[str, Any] | None:
+def launched(run: Run, stage: str, r: int = 0, part: str | None = None) -> dict[str, Any] | None:
     """Run a training stage through ``accelerate launch`` when the run's ``launch`` settings
     ask for it (returns its summary); None: run it in this process."""
     settings = run.cfg.launch
@@ -59,8 +59,8 @@ def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict
         return None
     import torch
 
-    out = Path(_stage_config(run, stage, r, group).output_dir)  # checked before launching
-    cmd = launch_command(run, stage, r, group)
+    out = Path(_stage_config(run, stage, r, part).output_dir)  # checked before launching
+    cmd = launch_command(run, stage, r, part)
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo processes on the CPU
@@ -84,13 +84,13 @@ def launched(run: Run, stage: str, r: int = 0, group: str | None = None) -> dict
     return summary
 
 
-def _stage_config(run: Run, stage: str, r: int, group: str | None) -> Any:
+def _stage_config(run: Run, stage: str, r: int, part: str | None) -> Any:
     from palate.pipeline import stages
 
     if stage == "sft":
         return stages.sft_config(run)
     if stage == "reward":
-        return stages.reward_config(run, r, group)
+        return stages.reward_config(run, r, part)
     if stage == "ppo":
         return stages.ppo_config(run, r)
     raise ValueError(f"not a training stage: {stage!r}")
@@ -100,13 +100,15 @@ def run_here(
     run: Run,
     stage: str,
     r: int = 0,
-    group: str | None = None,
+    part: str | None = None,
     *,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """The trainer call of a training stage, in this process (and, launched, in each);
-    ``stop_after``: PPO stops after that update (the library's "as if interrupted")."""
-    cfg = _stage_config(run, stage, r, group)
+    ``part``: one more reward model (``groups/<g>``, ``criteria/<c>``: see
+    :func:`palate.pipeline.stages.comparisons_file`); ``stop_after``: PPO stops after that
+    update (the library's "as if interrupted")."""
+    cfg = _stage_config(run, stage, r, part)
     if stage == "sft":
         from palate.sft import sft
 
@@ -122,7 +124,7 @@ def run_here(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m palate.pipeline.launch RUN/config.yaml STAGE ROUND [GROUP]`` (one process of
+    """``python -m palate.pipeline.launch RUN/config.yaml STAGE ROUND [PART]`` (one process of
     a launch)."""
     from palate.config import load_config
     from palate.pipeline.config import RunConfig
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (3, 4):
-        raise SystemExit("usage: python -m palate.pipeline.launch CONFIG STAGE ROUND [GROUP]")
+        raise SystemExit("usage: python -m palate.pipeline.launch CONFIG STAGE ROUND [PART]")
     config, stage, r = args[0], args[1], int(args[2])
     run = Run(load_config(RunConfig, config, []))
     run_here(run, stage, r, args[3] if len(args) == 4 else None)

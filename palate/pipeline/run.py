@@ -57,6 +57,7 @@ LATER_FIELDS = frozenset(
         "RaterSettings.groups",
         "RaterSettings.train_groups",
         "RaterSettings.per_group_reward",
+        "RunReward.per_criterion",
     }
 )
 
@@ -154,13 +155,18 @@ class Run:
             if g.name == group and g.gold is not None:
                 gold = g.gold
 
+        return gold_scorer(gold, self.criteria())
+
+    def criteria(self) -> dict[str, str]:
+        """{prompt text: criterion} of the run's training and held-out prompts (helpfulness
+        when a prompt has none)."""
         criteria = {}
         for name in ("train.jsonl", "eval.jsonl"):
             path = self.root / "prompts" / name
             if path.is_file():
                 for rec in read_records(path, "prompts").records:
                     criteria[prompt_text(rec.prompt)] = rec.metadata.get("criterion", "helpfulness")
-        return gold_scorer(gold, criteria)
+        return criteria
 
     # ---------------------------------------------------------------- rounds
 

@@ -369,14 +369,27 @@ def stage_labels(run: Run, r: int = 0) -> dict[str, Any]:
 
 def stage_reward(run: Run, r: int = 0) -> dict[str, Any]:
     """The reward model on every label so far (those of ``raters.train_groups`` when set);
-    with ``raters.per_group_reward``, one more per group, each on its own group's labels."""
-    groups: dict[str, Any] = {}
-    if run.cfg.raters.per_group_reward:  # first: the pooled model's summary marks the stage done
-        for group, _ in group_panels(run):
-            done = RunDir(run.round_dir(r, "reward") / "groups" / group)
-            got = done.read_summary() if done.is_complete() else None
-            got = got or launched(run, "reward", r, group) or run_here(run, "reward", r, group)
-            groups[group] = {k: got.get(k) for k in ("train_pairs", "eval_accuracy")}
+    with ``raters.per_group_reward``, one more per group, each on its own group's labels; with
+    ``reward.per_criterion``, one more per prompt criterion, each on its criterion's labels."""
+    keep = ("train_pairs", "eval_accuracy", "eval_pairs", "normalize_samples")
+
+    def part(name: str) -> dict[str, Any]:  # one more reward model, in reward/<name>
+        done = RunDir(run.round_dir(r, "reward") / name)
+        got = done.read_summary() if done.is_complete() else None
+        got = got or launched(run, "reward", r, name) or run_here(run, "reward", r, name)
+        return {k: got.get(k) for k in keep}
+
+    # first: the pooled model's summary marks the stage done
+    groups = (
+        {group: part(f"groups/{group}") for group, _ in group_panels(run)}
+        if run.cfg.raters.per_group_reward
+        else {}
+    )
+    criteria = (
+        {c: part(f"criteria/{c}") for c in label_criteria(run, r)}
+        if run.cfg.reward.per_criterion
+        else {}
+    )
     out = launched(run, "reward", r) or run_here(run, "reward", r)
     if groups:
         agreement = held_out_agreement(run, r)
@@ -384,8 +397,50 @@ def stage_reward(run: Run, r: int = 0) -> dict[str, Any]:
             row["gold_agreement"] = agreement[group]
         out["groups"] = groups
         out["gold_agreement"] = agreement["run"]
+    if criteria:
+        out["criteria"] = criteria
+    if groups or criteria:
         RunDir(run.round_dir(r, "reward")).write_summary(out)
     return out
+
+
+def label_criteria(run: Run, r: int) -> list[str]:
+    """The prompt criteria of the labels up to round r (each gets a reward model of its own
+    with ``reward.per_criterion``)."""
+    return sorted(
+        {
+            row.get("metadata", {}).get("criterion", "helpfulness")
+            for k in range(r + 1)
+            for row in read_jsonl(run.round_dir(k, "labels") / "comparisons.jsonl")
+        }
+    )
+
+
+def reward_routes(run: Run, r: int) -> dict[str, str]:
+    """{criterion: reward model directory} of round r (empty without ``reward.per_criterion``)."""
+    if not run.cfg.reward.per_criterion:
+        return {}
+    d = run.round_dir(r, "reward") / "criteria"
+    return {c: str(d / c / "final") for c in label_criteria(run, r)}
+
+
+def run_scorer(run: Run, r: int, precision: str) -> Any:
+    """Round r's reward as a ScoreFn on the CPU: its reward model, or with
+    ``reward.per_criterion`` each prompt's criterion's model (the pooled one for the rest)."""
+    import torch
+
+    from palate.ppo import load_score_fn
+    from palate.reward.routed import reward_models
+    from palate.training import store_frozen_linears
+
+    source = RewardSource(
+        model=str(run.round_dir(r, "reward") / "final"), routes=reward_routes(run, r)
+    )
+    score = load_score_fn(source, torch.device("cpu"), precision, run.criteria())
+    for rm in reward_models(score):
+        for module in rm.modules():
+            store_frozen_linears(module, precision)
+    return score
 
 
 def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
@@ -423,50 +478,78 @@ def held_out_agreement(run: Run, r: int) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def comparisons_file(run: Run, r: int, group: str | None = None) -> Path:
+def comparisons_file(run: Run, r: int, part: str | None = None) -> Path:
     """The comparisons round r's reward model trains on: every round's labels so far (rounds
     ≥ 1 concatenate them into ``round-r/labels/all.jsonl``); with rater groups, those of
-    ``raters.train_groups`` (or of ``group`` alone: ``groups/<group>.jsonl``)."""
-    keep = [group] if group else run.cfg.raters.train_groups
-    if r == 0 and keep is None:
+    ``raters.train_groups``. ``part`` ``groups/<g>``: group g's labels alone;
+    ``criteria/<c>``: the labels of criterion c's prompts alone (``labels/<part>.jsonl``)."""
+    kind, _, name = (part or "").partition("/")
+    keep = [name] if kind == "groups" else run.cfg.raters.train_groups
+    if r == 0 and keep is None and not part:
         return run.dir("labels") / "comparisons.jsonl"
     rows = [
         row
         for k in range(r + 1)
         for row in read_jsonl(run.round_dir(k, "labels") / "comparisons.jsonl")
-        if keep is None or row.get("metadata", {}).get("group") in keep
+        if (keep is None or row.get("metadata", {}).get("group") in keep)
+        and (kind != "criteria" or row.get("metadata", {}).get("criterion", "helpfulness") == name)
     ]
     d = run.round_dir(r, "labels")
-    path = d / "groups" / f"{group}.jsonl" if group else d / ("all.jsonl" if r else "train.jsonl")
+    path = d / f"{part}.jsonl" if part else d / ("all.jsonl" if r else "train.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
     return path
 
 
-def reward_config(run: Run, r: int = 0, group: str | None = None) -> RewardConfig:
-    """Round r's reward stage as a plain ``palate reward train`` config, on every label so far.
+def criterion_prompts(run: Run, r: int, criterion: str, source: Path, kind: str) -> str:
+    """``source`` (a prompts or samples file) cut to the rows whose prompt is of ``criterion``,
+    written beside round r's labels of that criterion: a criterion's reward model is normalised
+    on the policy's samples of its own prompts."""
+    of = run.criteria()
+    rows = [
+        rec
+        for rec in read_jsonl(source)
+        if of.get(prompt_text(rec["prompt"]), "helpfulness") == criterion
+    ]
+    path = run.round_dir(r, "labels") / "criteria" / f"{criterion}-{kind}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, rows)
+    return str(path)
+
+
+def reward_config(run: Run, r: int = 0, part: str | None = None) -> RewardConfig:
+    """Round r's reward stage as a plain ``palate reward train`` config, on every label so far
+    (``part``: one more model on some of them, see :func:`comparisons_file`).
 
     Normalisation is on the round policy's samples with PPO's sampling settings: the pairs
     stage's samples when they were drawn with exactly those settings (free), else fresh samples
-    of the policy on the training prompts. Settings the user gave win.
+    of the policy on the training prompts (for ``criteria/<c>``: on c's prompts alone). Settings
+    the user gave win.
     """
-    data = run.cfg.reward.model_dump()
+    data = run.cfg.reward.model_dump(exclude={"per_criterion"})
     given = run.cfg.reward.normalize.model_fields_set
     norm = data["normalize"]
+    kind, _, criterion = (part or "").partition("/")
     if not {"policy", "responses"} & given:
         samples = run.round_dir(r, "pairs") / "samples.jsonl"
         if run.cfg.pairs.sampling == run.cfg.ppo.sampling and samples.is_file():
             norm["responses"] = str(samples)
+            if kind == "criteria":
+                norm["responses"] = criterion_prompts(run, r, criterion, samples, "samples")
         else:
             norm["policy"] = round_policy(run, r)
             if "prompts" not in given:
                 norm["prompts"] = str(run.root / "prompts" / "train.jsonl")
+                if kind == "criteria":
+                    norm["prompts"] = criterion_prompts(
+                        run, r, criterion, run.root / "prompts" / "train.jsonl", "prompts"
+                    )
             if "sampling" not in given:
                 norm["sampling"] = run.cfg.ppo.sampling.model_dump()
     out = run.round_dir(r, "reward")
     data.update(
-        data=str(comparisons_file(run, r, group)),
-        output_dir=str(out / "groups" / group if group else out),
+        data=str(comparisons_file(run, r, part)),
+        output_dir=str(out / part if part else out),
     )
     return RewardConfig.model_validate(data)
 
@@ -481,6 +564,7 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
         output_dir=str(run.round_dir(r, "ppo")),
     )
     data["reward"]["model"] = str(run.round_dir(r, "reward") / "final")
+    data["reward"]["routes"] = reward_routes(run, r)
     if r > 0:
         prev = RunDir(run.round_dir(r - 1, "ppo"))
         last = prev.latest_checkpoint()
@@ -548,6 +632,8 @@ def staleness(run: Run, r: int) -> dict[str, Any]:
     retrained: its accuracy on them (ties and soft labels aside: the chosen answer scored
     higher), on all of them and on the randomly drawn share alone (the unbiased number: pairs
     chosen for uncertainty are near ½ by construction)."""
+    import torch
+
     from palate.reward.model import load_reward_model
 
     rows = [
@@ -555,10 +641,14 @@ def staleness(run: Run, r: int) -> dict[str, Any]:
     ]
     if not rows:
         return {"stale_accuracy": None, "stale_accuracy_random": None, "stale_n": 0}
-    rm = load_reward_model(run.round_dir(r - 1, "reward") / "final")
     prompts = [x["prompt"] for x in rows]
-    chosen = rm.score(prompts, [x["chosen"] for x in rows]).float()
-    rejected = rm.score(prompts, [x["rejected"] for x in rows]).float()
+    if run.cfg.reward.per_criterion:  # each prompt by its criterion's model, as PPO scored it
+        score = run_scorer(run, r - 1, "fp32")
+    else:
+        rm = load_reward_model(run.round_dir(r - 1, "reward") / "final")
+        score = rm.score
+    chosen = torch.as_tensor(score(prompts, [x["chosen"] for x in rows])).float()
+    rejected = torch.as_tensor(score(prompts, [x["rejected"] for x in rows])).float()
     right = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
 
     def drawn(x: dict[str, Any]) -> bool:  # the export carries the pair's selected_by
@@ -574,7 +664,6 @@ def staleness(run: Run, r: int) -> dict[str, Any]:
 
 
 def stage_eval(run: Run) -> dict[str, Any]:
-    import torch
 
     from palate.evaluate import (
         checkpoint_policy,
@@ -583,25 +672,16 @@ def stage_eval(run: Run) -> dict[str, Any]:
         load_sampler,
         rollout_curve,
     )
-    from palate.ppo import load_score_fn
-    from palate.reward import RewardModelScorer
     from palate.safety import read_xstest, xstest_rates
-    from palate.training import store_frozen_linears
 
     cfg = run.cfg.eval
     precision = run.precision()
     sampling = cfg.sampling or run.cfg.ppo.sampling
     prompts = read_prompts(run.root / "prompts" / "eval.jsonl")
     gold = run.gold()
-    # the proxy: the reward model the final policy was optimised against (the last round's)
-    proxy = load_score_fn(
-        RewardSource(model=str(run.round_dir(run.last_round, "reward") / "final")),
-        torch.device("cpu"),
-        precision,
-    )
-    assert isinstance(proxy, RewardModelScorer)
-    for module in proxy.reward_model.modules():
-        store_frozen_linears(module, precision)
+    # the proxy: the reward model the final policy was optimised against (the last round's;
+    # with reward.per_criterion each prompt's criterion's model)
+    proxy = run_scorer(run, run.last_round, precision)
     initial, tok = load_sampler(run.policy, precision)
     # checkpoints of every round, numbered by updates since the start (the last is the final)
     per_round = run.cfg.ppo.ppo.updates

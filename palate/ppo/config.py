@@ -75,11 +75,20 @@ class RewardSource(RewardShaping):
         description="Or an AI judge scoring each response directly (d-RLAIF): its expected 1-9 "
         "rating under the principles' rating questions, mapped to [-1, 1].",
     )
+    routes: dict[str, str] = Field(
+        default_factory=dict,
+        description="{criterion: reward model directory}: a prompt whose criterion (its "
+        "metadata.criterion in the prompts file; helpfulness when absent) has a model here is "
+        "scored by that model, every other prompt by reward.model (Llama 2's separate safety "
+        "and helpfulness reward models; palate.reward.routed).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSource:
         if sum(x is not None for x in (self.model, self.function, self.judge)) != 1:
             raise ValueError("set exactly one of reward.model, reward.function and reward.judge")
+        if self.routes and self.model is None:
+            raise ValueError("reward.routes needs reward.model (the model of other prompts)")
         return self
 
 

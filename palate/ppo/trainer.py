@@ -28,7 +28,7 @@ import copy
 import importlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +73,7 @@ from palate.ppo_math import (
 )
 from palate.progress import console, progress_bar
 from palate.reward.model import RewardModelScorer, ScoreFn, load_reward_model
+from palate.reward.routed import RoutedScorer, reward_models
 from palate.sampling import MergedCopyEngine, PolicyEngine, RolloutEngine, episode_seed
 from palate.training import (
     apply_lora,
@@ -144,10 +145,17 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, T)
 
 
-def load_score_fn(source: RewardSource, device: torch.device, precision: str) -> ScoreFn:
+def load_score_fn(
+    source: RewardSource,
+    device: torch.device,
+    precision: str,
+    criteria: Mapping[str, str] | None = None,
+) -> ScoreFn:
     """A ``score(prompts, responses)`` callable for the configured reward source: a
     :class:`palate.reward.RewardModelScorer` for a reward model, the named function, or an AI
-    judge's ratings (:class:`palate.feedback.JudgeScorer`)."""
+    judge's ratings (:class:`palate.feedback.JudgeScorer`). With ``source.routes``, a
+    :class:`palate.reward.RoutedScorer` over one model per criterion; ``criteria`` maps each
+    prompt's text to its criterion."""
     if source.function:
         module_name, _, name = source.function.partition(":")
         try:
@@ -160,11 +168,20 @@ def load_score_fn(source: RewardSource, device: torch.device, precision: str) ->
 
         return JudgeScorer(load_judge(source.judge))
     assert source.model is not None  # RewardSource checks that exactly one is set
-    rm = load_reward_model(source.model)
-    for module in rm.modules():
-        module.to(device).requires_grad_(False)
-    rm.precision = precision
-    return RewardModelScorer(rm, batch_size=source.batch_size)
+
+    def scorer(path: str) -> RewardModelScorer:
+        rm = load_reward_model(path)
+        for module in rm.modules():
+            module.to(device).requires_grad_(False)
+        rm.precision = precision
+        return RewardModelScorer(rm, batch_size=source.batch_size)
+
+    if not source.routes:
+        return scorer(source.model)
+    if criteria is None:
+        raise ConfigError("reward.routes: the prompts' criteria are needed to route them")
+    routes = {c: scorer(path) for c, path in source.routes.items()}
+    return RoutedScorer(routes, scorer(source.model), criteria)
 
 
 @contextmanager
@@ -211,9 +228,12 @@ class PPOTrainer:
                 f"{self.world} processes (each samples batch_size / processes prompts)"
             )
         self.monitor = Monitor(cfg.monitors, gold=gold_fn)
-        self.prompts = [r.prompt for r in read_records(cfg.prompts, "prompts").records][
-            : cfg.max_prompts
-        ]
+        records = read_records(cfg.prompts, "prompts").records[: cfg.max_prompts]
+        self.prompts = [r.prompt for r in records]
+        # each prompt's criterion: reward.routes scores it with that criterion's reward model
+        self.criteria = {
+            prompt_text(r.prompt): r.metadata.get("criterion", "helpfulness") for r in records
+        }
         if len(self.prompts) < cfg.ppo.batch_size:
             raise ConfigError(
                 f"{cfg.prompts}: {len(self.prompts)} prompts, fewer than ppo.batch_size"
@@ -232,13 +252,15 @@ class PPOTrainer:
         hidden = base_model(policy).config.hidden_size
         self.value_head: ValueHead | None = None
         self.critic: SeparateCritic | None = None
-        self.score_fn = score_fn or load_score_fn(cfg.reward, self.device, self.precision)
+        self.score_fn = score_fn or load_score_fn(
+            cfg.reward, self.device, self.precision, self.criteria
+        )
         if cfg.critic.mode == "shared":
             self.value_head = ValueHead(hidden).to(self.device)
         else:
             self.critic = self._separate_critic().to(self.device)
-        if isinstance(self.score_fn, RewardModelScorer):  # after the critic copied fp32 weights
-            for module in self.score_fn.reward_model.modules():
+        for rm in reward_models(self.score_fn):  # after the critic copied fp32 weights
+            for module in rm.modules():
                 store_frozen_linears(module, self.precision)
         self.engine = self._rollout_engine()
         if wanted(cfg.compile.training, self.device):  # after the engine copied the policy
@@ -286,6 +308,10 @@ class PPOTrainer:
 
         cfg = self.cfg
         scorer = self.score_fn if isinstance(self.score_fn, RewardModelScorer) else None
+        if isinstance(self.score_fn, RoutedScorer) and isinstance(
+            self.score_fn.default, RewardModelScorer
+        ):
+            scorer = self.score_fn.default  # V starts as the default route's reward model
         rm = scorer.reward_model if scorer is not None else None
         if cfg.critic.init == "reward_model" and rm is not None and rm.kind == "causal":
             src = copy.deepcopy(base_model(rm.model))

@@ -13,6 +13,8 @@ Where things are:
   score / save), :class:`RewardEnsemble`, :func:`load_reward_model` (what PPO and raters load).
 * :mod:`palate.reward.train` — :class:`RewardTrainer` and :func:`train_reward`
   (``palate reward train``), ensembles.
+* :mod:`palate.reward.routed` — :class:`RoutedScorer`: one reward model per prompt criterion
+  (Llama 2's safety and helpfulness reward models), each prompt scored by its own.
 * :mod:`palate.reward.normalize` — :func:`fit_normalisation`: the gain and offset, fitted on
   the initial policy's samples (lm-human-preferences' ``normalize_before``).
 * :mod:`palate.reward.metrics` — accuracy, calibration and length-bias checks
@@ -46,6 +48,7 @@ from palate.reward.model import (
     load_reward_model,
 )
 from palate.reward.normalize import fit_normalisation
+from palate.reward.routed import RoutedScorer
 from palate.reward.train import RewardTrainer, train_reward
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "RewardScoreConfig",
     "RewardTrainSettings",
     "RewardTrainer",
+    "RoutedScorer",
     "ScoreFn",
     "evaluate_reward",
     "expected_calibration_error",
