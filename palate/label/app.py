@@ -186,4 +186,8 @@ def serve(
     os.environ[ENV_DB] = db
     os.environ[ENV_SECRET] = secret or secrets.token_urlsafe(32)
     os.environ[ENV_SECURE] = "1" if secure_cookies else "0"
+    # uvicorn's supervisor pings each worker and kills one that does not answer in time as
+    # hung; its 5 s default kills busy, healthy workers on a loaded small machine (seen: 4
+    # workers, 50 raters, 2 cores), cutting off their requests in flight
+    options["timeout_worker_healthcheck"] = 30
     uvicorn.run("palate.label.app:app_from_env", factory=True, workers=workers, **options)
