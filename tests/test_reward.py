@@ -395,6 +395,31 @@ def test_encoder_mean_pooling_matches_manual_and_survives_save(tmp_path: Path) -
         RewardModel.from_backbone("tiny", pooling="mean")
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean_last"])
+def test_encoder_last_pooling_reads_each_rows_closing_token(pooling: str, tmp_path: Path) -> None:
+    rm = RewardModel.from_backbone("minilm-l6", max_length=32, pooling=pooling)
+    # rows of different lengths in one right-padded batch: "last" is each row's own [SEP]
+    batch = rm.collate([rm.encode("q", "a much longer reply than the other"), rm.encode("q", "b")])
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[0] > lengths[1]
+    with torch.no_grad():
+        got = rm.forward(batch)
+        h = rm.model.bert(**batch).last_hidden_state
+        last = torch.stack([h[0, lengths[0] - 1], h[1, lengths[1] - 1]])
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        mean = (h * m).sum(1) / m.sum(1)
+        pooled = last if pooling == "last" else mean + last
+        manual = rm.model.classifier(pooled).squeeze(-1)
+        # the padded row's score ignores its padding: scored alone it is the same
+        alone = rm.forward(rm.collate([rm.encode("q", "b")]))
+    torch.testing.assert_close(got, manual)
+    torch.testing.assert_close(got[1:], alone, atol=1e-5, rtol=1e-5)
+    rm.save(tmp_path / "rm")
+    assert RewardModel.load(tmp_path / "rm").pooling == pooling
+    with pytest.raises(Exception, match="encoder"):
+        RewardModel.from_backbone("tiny", pooling=pooling)
+
+
 def test_ensemble_trains_members_on_one_split_and_averages(tmp_path: Path) -> None:
     from palate.reward import RewardEnsemble, load_reward_model
 

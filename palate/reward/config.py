@@ -146,10 +146,11 @@ class RewardRecipe(StageSettings):
     max_length: int = Field(
         384, ge=16, description="Max tokens per (prompt, response); prompts cut from the left."
     )
-    pooling: Literal["cls", "mean"] = Field(
+    pooling: Literal["cls", "mean", "last", "mean_last"] = Field(
         "cls",
-        description="Encoders: the model's [CLS] pooler (cls) or the mask-averaged token states "
-        "(mean, how sentence-embedding models like MiniLM were trained).",
+        description="Encoders: the model's [CLS] pooler (cls), the mask-averaged token states "
+        "(mean, how sentence-embedding models like MiniLM were trained), the closing [SEP] "
+        "state (last: it sees how the reply ends and how long it is), or mean + last (mean_last).",
     )
     head_init: Literal["normal", "zero"] = Field(
         "normal",

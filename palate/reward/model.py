@@ -4,7 +4,8 @@ A reward model is any Hugging Face backbone with a scalar head
 (``AutoModelForSequenceClassification``, ``num_labels=1``): causal LMs are scored at the last
 real token of prompt + response (the EOS we append; padding is a distinct token), encoders such
 as ``minilm-l6`` by their pooled ``[CLS]`` embedding of the (prompt, response) pair (or the
-mask-averaged token states with ``pooling: mean``). ``score`` applies the stored gain and offset
+mask-averaged token states with ``pooling: mean``, the closing ``[SEP]`` state with ``last``,
+their sum with ``mean_last``). ``score`` applies the stored gain and offset
 (fitted so the initial policy's rewards have mean 0 and std 1), so PPO sees normalised rewards.
 """
 
@@ -134,9 +135,9 @@ class RewardModel:
                 torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
             if head.bias is not None:
                 torch.nn.init.zeros_(head.bias)
-        if pooling == "mean" and (kind != "encoder" or _score_head(model) is None):
+        if pooling != "cls" and (kind != "encoder" or _score_head(model) is None):
             raise ConfigError(
-                f"pooling: mean needs an encoder backbone with a linear head; {spec} is {kind}"
+                f"pooling: {pooling} needs an encoder backbone with a linear head; {spec} is {kind}"
             )
         return cls(model, tok, kind=kind, max_length=max_length, base_spec=spec, pooling=pooling)
 
@@ -240,16 +241,24 @@ class RewardModel:
 
         Causal LMs and ``pooling: cls`` encoders use the transformers head as it is. With
         ``pooling: mean`` an encoder's token states are averaged over the attention mask (how
-        sentence-embedding models such as MiniLM were trained) and fed to the same head.
+        sentence-embedding models such as MiniLM were trained) and fed to the same head;
+        ``last`` feeds the closing ``[SEP]`` state (it attends to how the reply ends, and its
+        position embedding says how long the input is: what mean pooling dilutes), and
+        ``mean_last`` the sum of the two.
         """
-        if self.kind == "encoder" and self.pooling == "mean":
+        if self.kind == "encoder" and self.pooling != "cls":
             model = self.model
             if hasattr(model, "get_base_model"):
                 model = model.get_base_model()
             encoder = getattr(model, model.base_model_prefix)
             hidden = encoder(**batch).last_hidden_state  # (N, T, H)
             m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
+            # the closing [SEP] (right padding): it attends to the reply's end and its position
+            # says how long the input is
+            last = batch["attention_mask"].sum(1) - 1  # (N,)
+            final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
+            pooled = {"mean": mean, "last": final, "mean_last": mean + final}[self.pooling]
             head = _score_head(model)
             assert head is not None  # checked by from_backbone
             return head(pooled).squeeze(-1).float()
