@@ -252,13 +252,14 @@ class RewardModel:
                 model = model.get_base_model()
             encoder = getattr(model, model.base_model_prefix)
             hidden = encoder(**batch).last_hidden_state  # (N, T, H)
-            m = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
-            # the closing [SEP] (right padding): it attends to the reply's end and its position
-            # says how long the input is
-            last = batch["attention_mask"].sum(1) - 1  # (N,)
-            final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
-            pooled = {"mean": mean, "last": final, "mean_last": mean + final}[self.pooling]
+            mask = batch["attention_mask"]  # (N, T), right-padded
+            pooled = torch.zeros_like(hidden[:, 0])  # (N, H)
+            if self.pooling in ("mean", "mean_last"):
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = pooled + (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+            if self.pooling in ("last", "mean_last"):  # each row's closing [SEP]
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                pooled = pooled + hidden[rows, mask.sum(1) - 1]
             head = _score_head(model)
             assert head is not None  # checked by from_backbone
             return head(pooled).squeeze(-1).float()
