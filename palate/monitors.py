@@ -17,7 +17,10 @@ After every update :class:`Monitor` looks at the rollouts and the logged metrics
 
 Each update logs ``monitor/*`` values and ``alarm/<name>`` (1 while firing); the first firing of
 each alarm is printed and kept in ``alarms.jsonl``. With ``action: stop`` training ends at the
-first alarm and the policy of that update becomes the final one.
+first alarm (or the first of those named in ``stop_on``) and the policy of that update becomes the
+final one: ``kl_budget`` with ``stop_on: [kl_budget]`` is early stopping at a KL budget, the way
+Gao et al. 2022 ("Scaling Laws for Reward Model Overoptimization") compare policies at equal KL,
+while the other alarms still warn.
 """
 
 from __future__ import annotations
@@ -33,7 +36,17 @@ from pydantic import Field
 from palate.config import Config
 from palate.data import Prompt
 
-__all__ = ["Alarm", "Monitor", "MonitorSettings", "distinct_n", "repeated_trigrams"]
+__all__ = ["ALARMS", "Alarm", "Monitor", "MonitorSettings", "distinct_n", "repeated_trigrams"]
+
+AlarmName = Literal[
+    "reward_hacking",
+    "length_inflation",
+    "kl_budget",
+    "diversity_collapse",
+    "same_answer",
+    "repetition",
+]
+ALARMS: tuple[str, ...] = AlarmName.__args__  # type: ignore[attr-defined]
 
 _WORD = re.compile(r"\w+")
 
@@ -42,7 +55,13 @@ class MonitorSettings(Config):
     """Alarms during PPO (null disables one)."""
 
     action: Literal["warn", "stop"] = Field(
-        "warn", description="warn: log and print; stop: end training at the first alarm."
+        "warn",
+        description="warn: log and print; stop: end training at the first alarm (of stop_on).",
+    )
+    stop_on: list[AlarmName] | None = Field(
+        None,
+        description="With action stop, only these alarms end training; the others warn "
+        "(null: every alarm stops).",
     )
     window: int = Field(4, ge=1, description="Updates averaged for each trend.")
     gold_drop: float | None = Field(
@@ -142,14 +161,13 @@ class Monitor:
         self.fired += [a for a in firing if a.name not in known]
         return firing
 
-    NAMES = (
-        "reward_hacking",
-        "length_inflation",
-        "kl_budget",
-        "diversity_collapse",
-        "same_answer",
-        "repetition",
-    )
+    NAMES = ALARMS
+
+    def halts(self, alarms: Sequence[Alarm]) -> list[Alarm]:
+        """Those of ``alarms`` that end training under these settings."""
+        if self.s.action != "stop":
+            return []
+        return [a for a in alarms if self.s.stop_on is None or a.name in self.s.stop_on]
 
     def _check(self, update: int) -> list[Alarm]:
         s, h, w = self.s, self.history, self.s.window
@@ -201,4 +219,5 @@ class Monitor:
         return out
 
     def records(self) -> list[dict[str, Any]]:
-        return [asdict(a) for a in self.fired]
+        """The first firing of each alarm; ``stopped`` marks the one that ended training."""
+        return [{**asdict(a), "stopped": bool(self.halts([a]))} for a in self.fired]

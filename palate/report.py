@@ -506,7 +506,8 @@ def _alarms(alarms: Sequence[dict[str, Any]]) -> str:
         return '<p class="muted" id="alarms">Monitors: no alarm during training.</p>'
     rows = "".join(
         f"<tr><th>{html.escape(a['name'])}</th><td>update {a['update']}</td>"
-        f"<td>{html.escape(a['message'])}</td></tr>"
+        f"<td>{html.escape(a['message'])}"
+        f"{' — <b>training stopped here</b>' if a.get('stopped') else ''}</td></tr>"
         for a in alarms
     )
     return f'<table class="alarms" id="alarms"><tr><th colspan="3">Alarms</th></tr>{rows}</table>'

@@ -138,3 +138,62 @@ def test_ppo_stops_at_the_first_alarm_and_keeps_that_policy(tmp_path) -> None:
     assert len(rows) == 1 and rows[0]["alarm/same_answer"] == 1.0 and rows[0]["monitor/gold"] == 0.0
     alarms = [json.loads(x) for x in (tmp_path / "run" / "alarms.jsonl").read_text().splitlines()]
     assert [a["name"] for a in alarms] == ["same_answer"] and alarms[0]["update"] == 1
+    assert alarms[0]["stopped"] is True
+
+
+def test_stop_on_names_the_alarms_that_end_training(tmp_path) -> None:
+    import json
+
+    from palate.config import load_config
+    from palate.ppo import PPOConfig, ppo
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
+
+    def run(name: str, *extra: str) -> dict:
+        cfg = load_config(
+            PPOConfig,
+            None,
+            [
+                "model=tiny",
+                f"prompts={prompts}",
+                f"output_dir={tmp_path / name}",
+                "reward.function=tests.test_ppo:bright",
+                "sampling.max_new_tokens=6",
+                "ppo.updates=3",
+                "ppo.batch_size=4",
+                "ppo.mini_batch_size=2",
+                "precision=fp32",
+                "monitors.action=stop",
+                "monitors.same_answer=0.01",  # fires on every update
+                *extra,
+            ],
+        )
+        return ppo(cfg)
+
+    warned = run("warned", "monitors.stop_on=[kl_budget]")  # same_answer only warns
+    assert warned["updates"] == 3 and "halted_by" not in warned
+    assert warned["alarms"] == ["same_answer"]
+    record = json.loads((tmp_path / "warned" / "alarms.jsonl").read_text())
+    assert record["name"] == "same_answer" and record["stopped"] is False
+    halted = run("halted", "monitors.stop_on=[kl_budget, same_answer]")
+    assert halted["halted_by"] == ["same_answer"] and halted["updates"] == 1
+
+
+def test_halts_keeps_only_the_stopping_alarms() -> None:
+    from palate.monitors import Alarm
+
+    both = [Alarm("same_answer", 7, ""), Alarm("kl_budget", 7, "")]
+    stop_kl = MonitorSettings(action="stop", stop_on=["kl_budget"])
+    assert [a.name for a in Monitor(stop_kl).halts(both)] == ["kl_budget"]
+    assert Monitor(stop_kl).halts(both[:1]) == []
+    assert Monitor(MonitorSettings(action="stop")).halts(both) == both  # null: every alarm
+    warn = MonitorSettings(action="warn", stop_on=["kl_budget"])
+    assert Monitor(warn).halts(both) == []
+
+
+def test_stop_on_rejects_an_unknown_alarm() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="kl_budgt"):
+        MonitorSettings(stop_on=["kl_budgt"])

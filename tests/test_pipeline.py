@@ -147,6 +147,14 @@ def test_quickstart_pipeline_on_the_tiny_model(tmp_path: Path, hh_file: Path) ->
     assert res4.exit_code == 0 and "stage 6/6: report" in res4.output
     assert "stage 5/6 eval: done, skipped" in res4.output
 
+    # a monitor that stops PPO early: the summary counts the updates run and names the alarm
+    stop = ["ppo.monitors.action=stop", "ppo.monitors.same_answer=0.01"]  # fires on update 1
+    res5 = CliRunner().invoke(app, [*args, *(x for o in stop for x in ("--set", o))])
+    assert res5.exit_code == 0, res5.output
+    halted = last_json(res5.stdout)
+    assert halted["ppo_updates"] == 1 and halted["ppo_halted_by"] == ["same_answer"]
+    assert "training stopped here" in Path(halted["report"]).read_text()
+
 
 def test_run_config_errors_name_the_field(tmp_path: Path, hh_file: Path) -> None:
     from palate.errors import ConfigError
@@ -156,6 +164,8 @@ def test_run_config_errors_name_the_field(tmp_path: Path, hh_file: Path) -> None
         load_config(RunConfig, QUICKSTART, base + ["ppo.ppo.updatez=3"])
     with pytest.raises(ConfigError, match="raters.kind=file needs raters.file"):
         load_config(RunConfig, QUICKSTART, base + ["raters.kind=file"])
+    with pytest.raises(ConfigError, match="rounds > 1 cannot be combined with ppo.monitors.action"):
+        load_config(RunConfig, QUICKSTART, base + ["rounds=2", "ppo.monitors.action=stop"])
     cfg = load_config(RunConfig, QUICKSTART, base)
     with pytest.raises(ConfigError, match="--from 'rewards'"):
         run_pipeline(cfg, from_stage="rewards")

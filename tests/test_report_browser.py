@@ -198,7 +198,7 @@ def _full_report(path: Path) -> Path:
     ]
     alarms = [
         asdict(Alarm("reward_hacking", 9, "gold 0.10 down from 0.32 while the proxy rose")),
-        asdict(Alarm("kl_budget", 11, "KL 10.20 nats above the budget 8")),
+        {**asdict(Alarm("kl_budget", 11, "KL 10.20 nats above the budget 8")), "stopped": True},
     ]
     return build_report(
         path,
@@ -252,6 +252,7 @@ def test_full_report_renders_every_plot_in_a_real_browser(tmp_path: Path) -> Non
     assert "KL 2.25, gain" in text  # rl_gold's peak, inside the measured range
     assert "Alarms" in text and "reward_hacking" in text and "update 11" in text
     assert "Monitors: no alarm" not in text
+    assert "budget 8 — training stopped here" in text and text.count("training stopped here") == 1
     assert "Rivers are long <b>wet</b> things #0" in text  # model output shown as text
     assert "krippendorff_alpha 0.590" in text
     for missing in ("no PPO metrics", "no checkpoint evaluations", "no samples", "no stage"):

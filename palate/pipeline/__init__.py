@@ -83,7 +83,7 @@ def run_pipeline(cfg: RunConfig, *, from_stage: str | None = None) -> dict[str, 
 def _summary(run: Run, minutes: dict[str, float], seconds: float) -> dict[str, Any]:
     evaluation = RunDir(run.dir("eval")).read_summary()
     reward = RunDir(run.round_dir(run.last_round, "reward")).read_summary()
-    ppo = RunDir(run.dir("ppo")).read_summary()
+    ppo_rounds = [RunDir(d).read_summary() for d in run.ppo_dirs()]
     labels = RunDir(run.dir("labels")).read_summary()
     keys = (
         "gold_win_rate",
@@ -108,12 +108,15 @@ def _summary(run: Run, minutes: dict[str, float], seconds: float) -> dict[str, A
             "labels": labels.get("comparisons"),
             "label_agreement": labels.get("pairwise_agreement"),
             "reward_accuracy": reward.get("eval_accuracy"),
-            "ppo_updates": (ppo.get("updates") or 0) * run.cfg.rounds,
+            "ppo_updates": sum(p.get("updates") or 0 for p in ppo_rounds),  # early stops count
             "report": str(run.dir("report") / "report.html"),
             "minutes": round(seconds / 60, 2),
             "stage_minutes": {k: round(v, 2) for k, v in minutes.items()},
         }
     )
+    halted = [h for p in ppo_rounds for h in p.get("halted_by", [])]
+    if halted:  # a monitor ended PPO early (ppo.monitors.action: stop)
+        summary["ppo_halted_by"] = halted
     if reward.get("criteria"):  # reward.per_criterion: each criterion's model, held out
         summary["reward_accuracy_by_criterion"] = {
             c: r.get("eval_accuracy") for c, r in reward["criteria"].items()

@@ -405,4 +405,10 @@ class RunConfig(Config):
                 raise ValueError("rounds > 1 needs ppo.finetune lora (PPO continues the adapter)")
             if self.raters.kind == "file":
                 raise ValueError("rounds > 1 needs raters who can label new pairs, not a file")
+            if self.ppo.monitors.action == "stop":
+                # rounds count updates per round (checkpoints, report): an early stop breaks that
+                raise ValueError(
+                    "rounds > 1 cannot be combined with ppo.monitors.action stop (a round's "
+                    "early stop would shift every later round's update numbers); use warn"
+                )
         return self

@@ -405,7 +405,7 @@ class PPOTrainer:
                     stopped = (
                         stop_after is not None and stop_after <= self.step_no < cfg.ppo.updates
                     )
-                    halted = bool(alarms) and cfg.monitors.action == "stop"
+                    halted = bool(self.monitor.halts(alarms))
                     if (
                         self.step_no % cfg.checkpoint_every == 0
                         or stopped
@@ -441,7 +441,7 @@ class PPOTrainer:
             "alarms": [a.name for a in self.monitor.fired],
         }
         if halted:
-            summary["halted_by"] = [a.name for a in alarms]
+            summary["halted_by"] = [a.name for a in self.monitor.halts(alarms)]
         if stopped:
             summary["stopped_at"] = self.step_no
             return summary
