@@ -58,6 +58,7 @@ LATER_FIELDS = frozenset(
         "RaterSettings.train_groups",
         "RaterSettings.per_group_reward",
         "RunReward.per_criterion",
+        "MonitorSettings.stop_on",
     }
 )
 
