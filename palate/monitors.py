@@ -155,13 +155,11 @@ class Monitor:
             if key in stats:
                 row[f"monitor/{key}"] = stats[key]
         names = {a.name for a in firing}
-        for name in self.NAMES:
+        for name in ALARMS:
             row[f"alarm/{name}"] = float(name in names)
         known = {a.name for a in self.fired}
         self.fired += [a for a in firing if a.name not in known]
         return firing
-
-    NAMES = ALARMS
 
     def halts(self, alarms: Sequence[Alarm]) -> list[Alarm]:
         """Those of ``alarms`` that end training under these settings."""

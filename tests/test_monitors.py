@@ -106,7 +106,9 @@ def test_length_inflation_kl_budget_collapse_same_answer_repetition() -> None:
     assert "repetition" in run(Monitor(MonitorSettings()), looping)
 
 
-def test_ppo_stops_at_the_first_alarm_and_keeps_that_policy(tmp_path) -> None:
+def _ppo_with_alarms(tmp_path, name: str, *extra: str, gold_fn=None) -> dict:
+    """A 3-update PPO run on the tiny model whose same_answer alarm fires on every update (any
+    batch has a most common answer) and, with action stop, ends training."""
     import json
 
     from palate.config import load_config
@@ -120,7 +122,7 @@ def test_ppo_stops_at_the_first_alarm_and_keeps_that_policy(tmp_path) -> None:
         [
             "model=tiny",
             f"prompts={prompts}",
-            f"output_dir={tmp_path / 'run'}",
+            f"output_dir={tmp_path / name}",
             "reward.function=tests.test_ppo:bright",
             "sampling.max_new_tokens=6",
             "ppo.updates=3",
@@ -128,10 +130,17 @@ def test_ppo_stops_at_the_first_alarm_and_keeps_that_policy(tmp_path) -> None:
             "ppo.mini_batch_size=2",
             "precision=fp32",
             "monitors.action=stop",
-            "monitors.same_answer=0.01",  # any batch has a most common answer: fires at once
+            "monitors.same_answer=0.01",
+            *extra,
         ],
     )
-    summary = ppo(cfg, gold_fn=lambda ps, rs: [0.0] * len(rs))
+    return ppo(cfg, gold_fn=gold_fn)
+
+
+def test_ppo_stops_at_the_first_alarm_and_keeps_that_policy(tmp_path) -> None:
+    import json
+
+    summary = _ppo_with_alarms(tmp_path, "run", gold_fn=lambda ps, rs: [0.0] * len(rs))
     assert summary["halted_by"] == ["same_answer"] and summary["updates"] == 1
     assert (tmp_path / "run" / "final" / "config.json").is_file()  # that policy is the final one
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -144,39 +153,14 @@ def test_ppo_stops_at_the_first_alarm_and_keeps_that_policy(tmp_path) -> None:
 def test_stop_on_names_the_alarms_that_end_training(tmp_path) -> None:
     import json
 
-    from palate.config import load_config
-    from palate.ppo import PPOConfig, ppo
-
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say {w}."}) + "\n" for w in "abcdefgh"))
-
-    def run(name: str, *extra: str) -> dict:
-        cfg = load_config(
-            PPOConfig,
-            None,
-            [
-                "model=tiny",
-                f"prompts={prompts}",
-                f"output_dir={tmp_path / name}",
-                "reward.function=tests.test_ppo:bright",
-                "sampling.max_new_tokens=6",
-                "ppo.updates=3",
-                "ppo.batch_size=4",
-                "ppo.mini_batch_size=2",
-                "precision=fp32",
-                "monitors.action=stop",
-                "monitors.same_answer=0.01",  # fires on every update
-                *extra,
-            ],
-        )
-        return ppo(cfg)
-
-    warned = run("warned", "monitors.stop_on=[kl_budget]")  # same_answer only warns
+    warned = _ppo_with_alarms(
+        tmp_path, "warned", "monitors.stop_on=[kl_budget]"
+    )  # same_answer only warns
     assert warned["updates"] == 3 and "halted_by" not in warned
     assert warned["alarms"] == ["same_answer"]
     record = json.loads((tmp_path / "warned" / "alarms.jsonl").read_text())
     assert record["name"] == "same_answer" and record["stopped"] is False
-    halted = run("halted", "monitors.stop_on=[kl_budget, same_answer]")
+    halted = _ppo_with_alarms(tmp_path, "halted", "monitors.stop_on=[kl_budget, same_answer]")
     assert halted["halted_by"] == ["same_answer"] and halted["updates"] == 1
 
 

@@ -386,6 +386,7 @@ class PPOTrainer:
         t_start = time.perf_counter()
         stopped = halted = False
         alarms: list[Alarm] = []
+        halting: list[Alarm] = []  # the alarms that end training (ppo.monitors.stop_on)
         with progress_bar("ppo", total=cfg.ppo.updates, completed=self.step_no) as bar:
             try:
                 while self.step_no < cfg.ppo.updates:
@@ -405,7 +406,8 @@ class PPOTrainer:
                     stopped = (
                         stop_after is not None and stop_after <= self.step_no < cfg.ppo.updates
                     )
-                    halted = bool(self.monitor.halts(alarms))
+                    halting = self.monitor.halts(alarms)
+                    halted = bool(halting)
                     if (
                         self.step_no % cfg.checkpoint_every == 0
                         or stopped
@@ -441,7 +443,7 @@ class PPOTrainer:
             "alarms": [a.name for a in self.monitor.fired],
         }
         if halted:
-            summary["halted_by"] = [a.name for a in self.monitor.halts(alarms)]
+            summary["halted_by"] = [a.name for a in halting]
         if stopped:
             summary["stopped_at"] = self.step_no
             return summary
