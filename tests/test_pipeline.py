@@ -398,6 +398,8 @@ def test_fields_added_later_keep_fingerprints_at_their_default() -> None:
     assert prints("ppo.episode_seeds=true")["ppo"] != plain["ppo"]
     assert "stop_on" not in Run(load_config(RunConfig, None, base))._settings("ppo")["monitors"]
     assert prints("ppo.monitors.stop_on=[kl_budget]")["ppo"] != plain["ppo"]
+    two = Run(load_config(RunConfig, None, [*base, "rounds=2"]))._settings("round-1")
+    assert "later_rounds_kl_coef" not in two["ppo"]
     changed = prints("reward.train.group_by_prompt=true")
     assert changed["pairs"] == plain["pairs"] and changed["labels"] == plain["labels"]
     assert changed["reward"] != plain["reward"] and changed["ppo"] != plain["ppo"]

@@ -145,3 +145,45 @@ def test_round_settings_are_checked() -> None:
         RunConfig.model_validate(
             {**base, "rounds": 2, "raters": {"kind": "file", "file": "c.jsonl"}}
         )
+
+
+def test_later_rounds_continue_at_the_last_beta_or_at_a_fixed_one(tmp_path: Path) -> None:
+    """Round 1's PPO config: by default the adaptive controller goes on from round 0's last β;
+    with ppo.later_rounds_kl_coef, round 1 runs at that β, fixed, and round 0 (its settings
+    and fingerprint) is untouched. Round 0's PPO folder is hand-built: a finished checkpoint
+    and the summary's last β are all round 1 reads of it."""
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import ppo_config
+
+    done = tmp_path / "ppo" / "checkpoints" / "step-0000016"
+    done.mkdir(parents=True)
+    (done / "state.json").write_text('{"step": 16, "stage": "ppo"}\n')
+    (tmp_path / "ppo" / "summary.json").write_text('{"kl_coef_last": 0.021}\n')
+    base = [f"output_dir={tmp_path}", "rounds=2"]
+
+    def run(*sets: str) -> Run:
+        return Run(load_config(RunConfig, QUICKSTART, [*base, *sets]))
+
+    plain, fixed = run("ppo.later_rounds_kl_coef=null"), run("ppo.later_rounds_kl_coef=0.05")
+    assert (plain.cfg.ppo.kl.coef, plain.cfg.ppo.kl.adaptive) == (0.03, True)
+    for r in (plain, fixed):  # round 0 starts at kl.coef and adapts
+        kl0 = ppo_config(r, 0).kl
+        assert (kl0.coef, kl0.adaptive) == (0.03, True)
+    kl1 = ppo_config(plain, 1).kl
+    assert (kl1.coef, kl1.adaptive) == (0.021, True)
+    assert ppo_config(plain, 1).init_adapter == str(done / "policy")
+    kl1 = ppo_config(fixed, 1).kl
+    assert (kl1.coef, kl1.adaptive) == (0.05, False)
+    # only the later rounds' fingerprints change (and eval, report: downstream of them)
+    a, b = plain.fingerprints, fixed.fingerprints
+    assert [s for s in a if a[s] != b[s]] == ["round-1", "eval", "report"]
+    # with one round it is unused: no stage's settings change
+    one = [base[0], "rounds=1"]
+    assert (
+        Run(
+            load_config(RunConfig, QUICKSTART, [*one, "ppo.later_rounds_kl_coef=0.05"])
+        ).fingerprints
+        == Run(
+            load_config(RunConfig, QUICKSTART, [*one, "ppo.later_rounds_kl_coef=null"])
+        ).fingerprints
+    )

@@ -263,6 +263,16 @@ class RunPPO(PPORecipe):
     keep_checkpoints: int = Field(
         100, ge=1, description="Checkpoints kept (evaluated along training by the eval stage)."
     )
+    later_rounds_kl_coef: float | None = Field(
+        None,
+        gt=0,
+        description="With rounds > 1: the KL coefficient β of every later round, held fixed "
+        "(the adaptive controller is off there). A later round starts from a policy already "
+        "near the KL budget, where the adaptive controller moves β by at most "
+        "0.2·batch/horizon per update, too slowly to pull KL back. null: each later round "
+        "continues at the previous round's last β (adaptive) or at kl.coef. Unused with "
+        "rounds: 1 (so --set rounds=1 runs a config's first round alone).",
+    )
 
 
 class SycophancySettings(Config):

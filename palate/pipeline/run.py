@@ -59,6 +59,7 @@ LATER_FIELDS = frozenset(
         "RaterSettings.per_group_reward",
         "RunReward.per_criterion",
         "MonitorSettings.stop_on",
+        "RunPPO.later_rounds_kl_coef",
     }
 )
 
@@ -136,8 +137,8 @@ class Run:
             return {"raters": r, "gold": _dump(c.gold) if simulated else None}
         if stage == "reward":
             return _dump(c.reward)
-        if stage == "ppo":
-            return _dump(c.ppo)
+        if stage == "ppo":  # round 0: what only later rounds use is no setting of it
+            return {k: v for k, v in _dump(c.ppo).items() if k != "later_rounds_kl_coef"}
         if stage == "eval":
             return {"eval": _dump(c.eval), "gold": _dump(c.gold), "precision": c.precision}
         return {}

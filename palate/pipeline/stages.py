@@ -556,8 +556,10 @@ def reward_config(run: Run, r: int = 0, part: str | None = None) -> RewardConfig
 
 def ppo_config(run: Run, r: int = 0) -> PPOConfig:
     """Round r's PPO stage as a plain ``palate ppo`` config. Later rounds continue the previous
-    round's LoRA adapter (the reference stays the initial policy) at its last KL coefficient."""
+    round's LoRA adapter (the reference stays the initial policy) at its last KL coefficient, or
+    at ``ppo.later_rounds_kl_coef``, fixed."""
     data = run.cfg.ppo.model_dump()
+    later_coef = data.pop("later_rounds_kl_coef")
     data.update(
         model=run.policy,
         prompts=str(run.root / "prompts" / "train.jsonl"),
@@ -572,7 +574,9 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
             raise DataError(f"{prev.path}: no checkpoint to continue from")
         data["init_adapter"] = str(last / "policy")
         beta = prev.read_summary().get("kl_coef_last")
-        if run.cfg.ppo.kl.adaptive and beta is not None:
+        if later_coef is not None:  # a fixed, usually stiffer leash for the later rounds
+            data["kl"].update(coef=later_coef, adaptive=False)
+        elif run.cfg.ppo.kl.adaptive and beta is not None:
             data["kl"]["coef"] = float(beta)
     return PPOConfig.model_validate(data)
 
