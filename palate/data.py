@@ -56,6 +56,8 @@ __all__ = [
     "split_hh_pair",
     "validate_file",
     "PairRecord",
+    "Sample",
+    "read_samples",
     "format_validation_error",
     "read_jsonl",
     "write_jsonl",
@@ -144,7 +146,11 @@ class Comparison(_Record):
 
 
 class PairRecord(_Record):
-    """Two responses to one prompt, to be compared by raters (a labeling campaign's row)."""
+    """Two responses to one prompt, to be compared by raters (a labeling campaign's row).
+
+    A response may be empty: a policy that ends its reply at once has still replied, and the
+    raters (and through them the reward model) should see that it loses. Refusing such pairs
+    stopped a later round whose policy sampled one empty reply in 512."""
 
     prompt: Prompt
     response_a: str
@@ -159,12 +165,33 @@ class PairRecord(_Record):
 
     _v = field_validator("prompt")(_check_prompt)
 
-    @field_validator("response_a", "response_b")
-    @classmethod
-    def _nonempty(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("response is empty")
-        return v
+
+class Sample(_Record):
+    """A prompt and one reply a policy sampled for it (a pairs stage's ``samples.jsonl``). Unlike
+    a demonstration, the reply may be empty: that is what the policy said."""
+
+    prompt: Prompt
+    response: str
+    id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _v = field_validator("prompt")(_check_prompt)
+
+
+def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
+    """Every row of a samples file; a bad row raises one DataError naming file, line and field."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    out = []
+    for lineno, line in iter_rows(p):
+        try:
+            out.append(Sample.model_validate_json(line))
+        except ValidationError as err:
+            raise DataError(f"{p}:{lineno}: {_format_error(err)}") from err
+    if not out:
+        raise DataError(f"{p}: no rows (empty file)")
+    return out
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -53,6 +53,15 @@ def test_bad_config_is_one_error_line(tmp_path: Path) -> None:
     assert "batchsize" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_unknown_option_is_a_usage_error_not_a_traceback() -> None:
+    """click's usage errors: typer >= 0.29 raises them from its own copy of click, which
+    the entry point must recognise too (it printed a traceback before)."""
+    proc = run("config", "show", "--sett", "x=1")
+    assert proc.returncode == 2
+    assert "No such option" in proc.stderr and "--sett" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_generate_stage_with_tiny_model(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "Say hi"}\n{"prompt": "Count to three"}\n')

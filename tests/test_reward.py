@@ -524,6 +524,7 @@ def test_normalisation_on_the_initial_policys_samples(tmp_path: Path) -> None:
 
 def test_normalisation_on_given_responses_and_bad_rows(tmp_path: Path) -> None:
     rows = [{"prompt": f"q{i}", "response": "banana " * (i % 4 + 1)} for i in range(10)]
+    rows[3]["response"] = ""  # a policy that ended its reply at once: a sample like any other
     write_jsonl(tmp_path / "samples.jsonl", rows)
     cfg = cfg_for(
         tmp_path,
@@ -546,7 +547,7 @@ def test_normalisation_on_given_responses_and_bad_rows(tmp_path: Path) -> None:
     )
     from palate.errors import PalateError
 
-    with pytest.raises(PalateError, match="bad.jsonl"):
+    with pytest.raises(PalateError, match="bad.jsonl:1: field response"):
         train_reward(bad)
 
 

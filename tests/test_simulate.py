@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -176,3 +177,29 @@ def test_shared_length_bias_overrides_the_gold(tmp_path: Path) -> None:
         rows = export_rows(s, s.scalar(select(Campaign)))
     assert len(rows) == 10 and all(r["chosen"] == short for r in rows)
     # unbiased, the same panel picks the gold's side (test above)
+
+
+def test_an_empty_reply_is_labelled_and_loses(tmp_path: Path) -> None:
+    """A policy may end a reply at once (one reply in 512 did, in a quickstart's second round):
+    its pairs file is valid, the panel labels it, and the empty side loses under the gold."""
+    from palate.label.campaign import LabelCreateConfig, create_label_campaign
+    from palate.label.db import Campaign, open_db
+    from palate.label.store import export_rows
+
+    rows = [{"prompt": PROMPT, "response_a": "", "response_b": GOOD}] * 4
+    rows += [{"prompt": PROMPT, "response_a": GOOD, "response_b": " "}] * 4
+    rows += [{"prompt": PROMPT, "response_a": "", "response_b": ""}]  # two empty samples
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = str(tmp_path / "sim.db")
+    create_label_campaign(LabelCreateConfig(name="empty", db=db, pairs=str(pairs), overlap=1))
+    out = label_with_panel(db, "empty", PanelConfig(raters=1, temperature=0.2, seed=0))
+    assert out["labels"] == 9
+    with open_db(db)() as s:
+        from sqlalchemy import select
+
+        exported = export_rows(s, s.scalar(select(Campaign)))
+    one_empty = [
+        r for r in exported if (r["chosen"].strip() == "") != (r["rejected"].strip() == "")
+    ]
+    assert len(one_empty) == 8 and all(r["chosen"] == GOOD for r in one_empty)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from palate.data import Comparison, Prompt, read_records
+from palate.data import Comparison, Prompt, read_records, read_samples
 from palate.errors import DataError
 from palate.progress import progress_bar
 from palate.reward.config import RewardNormalization
@@ -76,7 +76,7 @@ def reference_set(
     """
     n = settings.samples
     if settings.responses:
-        rows = list(read_records(settings.responses, "demonstrations").records)
+        rows = read_samples(settings.responses)  # an empty reply is a sample too
         rows = random.Random(seed).sample(rows, min(n, len(rows)))
         return [r.prompt for r in rows], [r.response for r in rows], settings.responses
     if settings.policy:

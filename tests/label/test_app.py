@@ -7,8 +7,10 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from palate.label.app import create_app
+from palate.label.db import Campaign
 from palate.label.store import PairIn, create_campaign, create_user
 
 
@@ -225,3 +227,16 @@ def test_health_says_whether_the_database_answers(setup) -> None:
     app.state.sessionmaker = sessionmaker(create_engine("sqlite:////nonexistent-dir/x.db"))
     r = client.get("/healthz")
     assert r.status_code == 503 and r.json()["status"] == "error"
+
+
+def test_an_empty_reply_is_shown_as_one(db_url: str) -> None:
+    """A model may reply with nothing; the rater sees that said, not a blank box."""
+    app = create_app(db_url, secret_key="test")
+    with app.state.sessionmaker() as db:
+        create_user(db, "rita", "rater", password="pw-rita")
+        create_campaign(db, "e", [PairIn(prompt="q?", response_a="", response_b="Yes.")])
+        camp = db.scalar(select(Campaign))
+    c = TestClient(app)
+    login(c, "rita", "pw-rita")
+    page = c.get(f"/campaigns/{camp.id}/rate").text
+    assert page.count("(empty reply)") == 1 and "Yes." in page
