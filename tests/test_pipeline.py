@@ -28,12 +28,14 @@ PEOPLE = REPO / "examples" / "people.yaml"
 
 
 def tiny_overrides(out: Path, hh_file: Path, samples_per_prompt: int | None = 4) -> list[str]:
-    """The quickstart scaled down to the tiny random model (seconds instead of minutes);
+    """The quickstart scaled down to the tiny random model (seconds instead of minutes), in one
+    round (the quickstart runs two; tests/test_rounds.py asks for them);
     ``samples_per_prompt=None`` keeps the config's own (people.yaml: 2)."""
     samples = (
         [] if samples_per_prompt is None else [f"pairs.samples_per_prompt={samples_per_prompt}"]
     )
     return samples + [
+        "rounds=1",
         f"output_dir={out}",
         "model=tiny",
         f"prompts.file={hh_file}",
