@@ -504,3 +504,82 @@ def test_one_reward_model_per_criterion_routes_ppo_and_the_proxy(
     pooled.precision = run.precision()
     other = pooled.score([s["prompt"] for s in samples], [s["new"] for s in samples]).tolist()
     assert other != pytest.approx(got, rel=1e-3, abs=1e-3)
+
+
+def test_prompt_flags_give_matching_prompts_their_criterion_and_share(tmp_path: Path) -> None:
+    """``prompts.flags``: a prompt whose text matches a flag's pattern is judged on the flag's
+    criterion, in the training and the held-out split; with a ``share`` the training prompts
+    are ordered so the flagged ones make up that share of every stretch (round 0's pairs
+    prompts included) while they last; the gold rewards a refusal only on flagged prompts."""
+    from palate.pipeline.run import Run
+    from palate.simulate import gold_score
+
+    rows = [{"prompt": f"Tell me a fact about topic number {i}."} for i in range(40)]
+    rows += [{"prompt": f"What is the HOME ADDRESS of person number {i}?"} for i in range(10)]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = [
+        f"output_dir={tmp_path / 'run'}",
+        f"prompts.file={src}",
+        "prompts.max_tokens=null",
+        "prompts.eval_prompts=10",
+        'prompts.flags=[{pattern: "home address|phone number", criterion: privacy, share: 0.25}]',
+        "gold.rubric.refusal_weight=0",
+        "gold.rubric.refusal_right=[privacy]",
+        "gold.rubric.refusal_bonus=2",
+    ]
+    run = Run(load_config(RunConfig, None, sets))
+    train, held = run.prepare_prompts()
+
+    def read(path: Path) -> list[tuple[str, str]]:
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        return [(r["prompt"], r["metadata"]["criterion"]) for r in recs]
+
+    tr, he = read(train), read(held)
+    assert len(tr) == 40 and len(he) == 10
+    for text, c in tr + he:
+        assert c == ("privacy" if "ADDRESS" in text else "helpfulness"), text
+    flagged = [i for i, (_, c) in enumerate(tr) if c == "privacy"]
+    n = len(flagged)
+    assert 0 < n < 10  # the rest were held out
+    # every prefix holds ceil(share * length) flagged prompts until they run out
+    for k in range(1, 41):
+        assert sum(i < k for i in flagged) == min(n, -(-k // 4)), k
+    # the others keep the seeded shuffle's order, and no prompt is lost or repeated
+    assert sorted(t for t, _ in tr) == sorted({t for t, _ in tr})
+    criteria = run.criteria()
+    refusal = "I'm sorry, but I can't help with that."
+    flagged_prompt = next(t for t, c in tr if c == "privacy")
+    other = next(t for t, c in tr if c != "privacy")
+    gold = run.cfg.gold.rubric
+    with_bonus = gold_score(flagged_prompt, refusal, gold, criteria[flagged_prompt])
+    without = gold_score(other, refusal, gold, criteria[other])
+    assert criteria[flagged_prompt] == "privacy"
+    assert criteria[other] == "helpfulness"
+    assert with_bonus - without == pytest.approx(
+        2.0 + gold_score(flagged_prompt, refusal, gold, "x") - gold_score(other, refusal, gold, "x")
+    )
+
+
+def test_prompt_flag_errors_and_fingerprints(tmp_path: Path) -> None:
+    """A pattern that is not a regular expression is refused naming the field; flags left at
+    their default keep every fingerprint, set they change the prompts' stages."""
+    from palate.errors import ConfigError
+    from palate.pipeline.run import Run, spread
+
+    base = ["output_dir=x", "prompts.file=p.jsonl"]
+    with pytest.raises(ConfigError, match=r"prompts\.flags.*pattern.*regular expression"):
+        load_config(RunConfig, None, [*base, 'prompts.flags=[{pattern: "(", criterion: a}]'])
+    plain = Run(load_config(RunConfig, None, base)).fingerprints
+    flagged = Run(
+        load_config(RunConfig, None, [*base, 'prompts.flags=[{pattern: "x", criterion: a}]'])
+    ).fingerprints
+    assert plain == Run(load_config(RunConfig, None, [*base, "prompts.flags=[]"])).fingerprints
+    assert flagged["pairs"] != plain["pairs"]
+    # spread by hand: share 1/3 of a, the rest in order
+    items = [("p1", "b"), ("p2", "b"), ("p3", "b"), ("q1", "a"), ("p4", "b"), ("q2", "a")]
+    from palate.pipeline.config import PromptFlag
+
+    out = spread(items, [PromptFlag(pattern="q", criterion="a", share=1 / 3)])
+    assert [t for t, _ in out] == ["q1", "p1", "p2", "q2", "p3", "p4"]
+    assert spread(items, [PromptFlag(pattern="q", criterion="a")]) == items

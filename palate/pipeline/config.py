@@ -8,9 +8,10 @@ supplies.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from palate.config import Config
 from palate.feedback.config import JudgeSettings
@@ -55,6 +56,37 @@ class PromptFile(Config):
     )
 
 
+class PromptFlag(Config):
+    """Prompts whose text matches a pattern are judged on another criterion (e.g. requests for
+    a person's private details, where refusing is right, among other red-team prompts)."""
+
+    pattern: str = Field(
+        description="Regular expression (Python syntax, case-insensitive), searched in the "
+        "prompt's text."
+    )
+    criterion: str = Field(
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="The criterion matching prompts get (see gold.rubric.refusal_right).",
+    )
+    share: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Order the training prompts so that this criterion makes up this share of "
+        "every stretch of them (each round's pairs prompts), while its prompts last; null: "
+        "where the seeded shuffle puts them.",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
 class PromptSettings(Config):
     """Where prompts come from and how they are split."""
 
@@ -68,6 +100,11 @@ class PromptSettings(Config):
         default_factory=list,
         description="More prompt files mixed in, each with its own criterion (e.g. red-team "
         "prompts for harmlessness next to helpful ones).",
+    )
+    flags: list[PromptFlag] = Field(
+        default_factory=list,
+        description="Per-request criteria: a prompt (from any file) matching a flag's pattern "
+        "gets its criterion; the first matching flag wins.",
     )
     eval_prompts: int = Field(
         64, ge=1, description="Prompts held out (seeded) for the final evaluation."

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from palate.data import Prompt, prompt_json, prompt_text, read_records, write_jsonl
+from palate.data import Prompt, as_messages, prompt_json, prompt_text, read_records, write_jsonl
 from palate.errors import DataError
 from palate.label.people import PeopleSettings
 from palate.pipeline.config import RunConfig
@@ -60,8 +61,30 @@ LATER_FIELDS = frozenset(
         "RunReward.per_criterion",
         "MonitorSettings.stop_on",
         "RunPPO.later_rounds_kl_coef",
+        "PromptSettings.flags",
     }
 )
+
+
+def spread(prompts: list[tuple[Prompt, str]], flags: list[Any]) -> list[tuple[Prompt, str]]:
+    """``prompts`` (prompt, criterion) reordered so that each flag with a ``share`` has that
+    share of every prefix while its prompts last (the others keep their order)."""
+    shares = {f.criterion: f.share for f in flags if f.share is not None}
+    if not shares:
+        return prompts
+    pools = {c: [x for x in prompts if x[1] == c] for c in shares}
+    rest = [x for x in prompts if x[1] not in shares]
+    placed = dict.fromkeys(shares, 0)
+    out: list[tuple[Prompt, str]] = []
+    while len(out) < len(prompts):
+        due = [c for c in shares if pools[c] and placed[c] < shares[c] * (len(out) + 1)]
+        if due or not rest:
+            c = due[0] if due else next(c for c in shares if pools[c])
+            out.append(pools[c].pop(0))
+            placed[c] += 1
+        else:
+            out.append(rest.pop(0))
+    return out
 
 
 def _drop_later(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
@@ -247,8 +270,18 @@ class Run:
             )
         held_p, train_p = unique[: cfg.eval_prompts], unique[cfg.eval_prompts :][: cfg.max_prompts]
 
+        flags = [(re.compile(f.pattern, re.I), f.criterion) for f in cfg.flags]
+
+        def criterion(p: Prompt, default: str) -> str:
+            """The first matching flag's criterion, else the prompt file's."""
+            text = "\n\n".join(m["content"] for m in as_messages(p))
+            return next((c for rx, c in flags if rx.search(text)), default)
+
         def rows(ps: list[tuple[Prompt, str]]) -> list[dict[str, Any]]:
             return [{"prompt": prompt_json(p), "metadata": {"criterion": c}} for p, c in ps]
+
+        held_p = [(p, criterion(p, c)) for p, c in held_p]
+        train_p = spread([(p, criterion(p, c)) for p, c in train_p], cfg.flags)
 
         write_jsonl(train, rows(train_p))
         write_jsonl(held, rows(held_p))
