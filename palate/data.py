@@ -49,6 +49,7 @@ __all__ = [
     "RecordKind",
     "as_messages",
     "parse_hh_transcript",
+    "prompt_contents",
     "prompt_json",
     "prompt_text",
     "read_records",
@@ -218,6 +219,12 @@ def as_messages(prompt: Prompt | list[dict[str, Any]]) -> list[dict[str, str]]:
         else {"role": m.role, "content": m.content}
         for m in prompt
     ]
+
+
+def prompt_contents(prompt: Prompt | list[dict[str, Any]]) -> str:
+    """The prompt's message contents alone, blank-line separated (what a rubric or a pattern
+    reads; a string, chat messages, or their stored JSON form)."""
+    return "\n\n".join(m["content"] for m in as_messages(prompt))
 
 
 def prompt_text(prompt: Prompt | list[dict[str, Any]]) -> str:

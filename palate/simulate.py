@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field
 
 from palate.config import Config
-from palate.data import Prompt, as_messages, prompt_text
+from palate.data import Prompt, prompt_contents, prompt_text
 from palate.reward.model import ScoreFn
 from palate.safety import is_refusal
 
@@ -120,18 +120,13 @@ def _sentiment(text: str) -> float:
     return float(_VADER.polarity_scores(text)["compound"])
 
 
-def _prompt_str(prompt: Any) -> str:
-    """The prompt's message contents (a string, chat messages, or their stored JSON form)."""
-    return "\n\n".join(m["content"] for m in as_messages(prompt))
-
-
 def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str, float]:
     """Each feature of the rubric for one response (for reports and debugging)."""
     words = _words(response)
     n = len(words)
     trigrams = [tuple(words[i : i + 3]) for i in range(max(0, n - 2))]
     repeated = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-    p_words = _words(_prompt_str(prompt))
+    p_words = _words(prompt_contents(prompt))
     p_trigrams = {tuple(p_words[i : i + 3]) for i in range(max(0, len(p_words) - 2))}
     echo = sum(t in p_trigrams for t in trigrams) / len(trigrams) if trigrams else 0.0
     content_p = {w for w in p_words if w not in _STOP and len(w) > 2}

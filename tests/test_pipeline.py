@@ -545,8 +545,9 @@ def test_prompt_flags_give_matching_prompts_their_criterion_and_share(tmp_path: 
     # every prefix holds ceil(share * length) flagged prompts until they run out
     for k in range(1, 41):
         assert sum(i < k for i in flagged) == min(n, -(-k // 4)), k
-    # the others keep the seeded shuffle's order, and no prompt is lost or repeated
+    # no prompt is lost or repeated
     assert sorted(t for t, _ in tr) == sorted({t for t, _ in tr})
+    assert sorted(t for t, _ in tr + he) == sorted(r["prompt"] for r in rows)
     criteria = run.criteria()
     refusal = "I'm sorry, but I can't help with that."
     flagged_prompt = next(t for t, c in tr if c == "privacy")

@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from palate.data import Prompt, as_messages, prompt_json, prompt_text, read_records, write_jsonl
+from palate.data import Prompt, prompt_contents, prompt_json, prompt_text, read_records, write_jsonl
 from palate.errors import DataError
 from palate.label.people import PeopleSettings
-from palate.pipeline.config import RunConfig
+from palate.pipeline.config import PromptFlag, RunConfig
 from palate.rundir import RunDir
 from palate.training import resolve_precision
 
@@ -66,7 +66,7 @@ LATER_FIELDS = frozenset(
 )
 
 
-def spread(prompts: list[tuple[Prompt, str]], flags: list[Any]) -> list[tuple[Prompt, str]]:
+def spread(prompts: list[tuple[Prompt, str]], flags: list[PromptFlag]) -> list[tuple[Prompt, str]]:
     """``prompts`` (prompt, criterion) reordered so that each flag with a ``share`` has that
     share of every prefix while its prompts last (the others keep their order)."""
     shares = {f.criterion: f.share for f in flags if f.share is not None}
@@ -274,7 +274,7 @@ class Run:
 
         def criterion(p: Prompt, default: str) -> str:
             """The first matching flag's criterion, else the prompt file's."""
-            text = "\n\n".join(m["content"] for m in as_messages(p))
+            text = prompt_contents(p)
             return next((c for rx, c in flags if rx.search(text)), default)
 
         def rows(ps: list[tuple[Prompt, str]]) -> list[dict[str, Any]]:
