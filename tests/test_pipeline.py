@@ -584,3 +584,131 @@ def test_prompt_flag_errors_and_fingerprints(tmp_path: Path) -> None:
     out = spread(items, [PromptFlag(pattern="q", criterion="a", share=1 / 3)])
     assert [t for t, _ in out] == ["q1", "p1", "p2", "q2", "p3", "p4"]
     assert spread(items, [PromptFlag(pattern="q", criterion="a")]) == items
+
+
+def test_ptx_own_declines_are_the_runs_declines_on_chosen_criteria(tmp_path: Path) -> None:
+    """``ppo.ptx_own_declines``: round r's PPO-ptx demonstrations are the declining pairs
+    samples of rounds 0..r on prompts of the chosen criteria, cut after the declining sentence,
+    without repeats; PPO gets them at the given weight, and a round with none runs without
+    ptx. Misconfigurations are refused naming the field."""
+    from palate.errors import ConfigError
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import own_declines_file, ppo_config, write_own_declines
+
+    rows = [{"prompt": f"Tell me a fact about topic number {i}."} for i in range(20)]
+    rows += [{"prompt": f"What is the home address of person number {i}?"} for i in range(10)]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sets = [
+        f"output_dir={tmp_path / 'run'}",
+        f"prompts.file={src}",
+        "prompts.max_tokens=null",
+        "prompts.eval_prompts=4",
+        'prompts.flags=[{pattern: "home address", criterion: privacy}]',
+        "ppo.ptx_own_declines={criteria: [privacy], coef: 0.25}",
+    ]
+    run = Run(load_config(RunConfig, None, sets))
+    train, _ = run.prepare_prompts()
+    recs = [json.loads(x) for x in train.read_text().splitlines()]
+    p1, p2 = [r["prompt"] for r in recs if r["metadata"]["criterion"] == "privacy"][:2]
+    q = next(r["prompt"] for r in recs if r["metadata"]["criterion"] != "privacy")
+
+    def samples(r: int, replies: list[tuple[str, str]]) -> None:
+        d = run.round_dir(r, "pairs")
+        d.mkdir(parents=True)
+        (d / "samples.jsonl").write_text(
+            "".join(json.dumps({"prompt": p, "response": t}) + "\n" for p, t in replies)
+        )
+
+    decline = "I'm sorry, but I can't share a home address. Here is a tip: ask them."
+    samples(
+        0,
+        [
+            (p1, decline),
+            (p1, decline),  # the same decline twice: one demonstration
+            (p1, "I'm sorry for any misunderstanding. It is on Main Street."),  # no decline
+            (q, "I'm sorry, but I can't help with that."),  # not a privacy prompt
+        ],
+    )
+    samples(1, [(p2, "Sure, it is 12 Oak Street."), (p2, "As an AI, I won't look it up. Ok.")])
+
+    def demos(r: int) -> list[tuple[str, str]]:
+        lines = own_declines_file(run, r).read_text().splitlines()
+        return [(json.loads(x)["prompt"], json.loads(x)["response"]) for x in lines]
+
+    assert write_own_declines(run, 0) == {"ptx_demos": 1, "ptx_demo_prompts": 1}
+    assert demos(0) == [(p1, "I'm sorry, but I can't share a home address.")]
+    cfg = ppo_config(run, 0)
+    assert cfg.ppo.ptx_coef == 0.25 and cfg.ppo.ptx_data == str(own_declines_file(run, 0))
+    # round 1: its own samples' declines join round 0's
+    write_own_declines(run, 1)
+    assert demos(1) == [
+        (p1, "I'm sorry, but I can't share a home address."),
+        (p2, "As an AI, I won't look it up."),
+    ]
+    # a round without declines: no ptx
+    (run.round_dir(0, "pairs") / "samples.jsonl").write_text(
+        json.dumps({"prompt": p1, "response": "It is on Main Street."}) + "\n"
+    )
+    assert write_own_declines(run, 0)["ptx_demos"] == 0
+    cfg = ppo_config(run, 0)
+    assert cfg.ppo.ptx_coef == 0 and cfg.ppo.ptx_data is None
+
+    with pytest.raises(ConfigError, match=r"ptx_own_declines.criteria.*\['safety'\]"):
+        load_config(RunConfig, None, [*sets, "ppo.ptx_own_declines.criteria=[safety]"])
+    with pytest.raises(ConfigError, match=r"ptx_own_declines replaces"):
+        load_config(RunConfig, None, [*sets, "ppo.ppo.ptx_data=x.jsonl", "ppo.ppo.ptx_coef=0.1"])
+    base = ["output_dir=x", "prompts.file=p.jsonl"]
+    plain = Run(load_config(RunConfig, None, base)).fingerprints
+    own = ["prompts.flags=[{pattern: x, criterion: a}]", "ppo.ptx_own_declines={criteria: [a]}"]
+    flagged = Run(load_config(RunConfig, None, [*base, own[0]])).fingerprints
+    with_own = Run(load_config(RunConfig, None, [*base, *own])).fingerprints
+    assert flagged["reward"] == with_own["reward"] and flagged["ppo"] != with_own["ppo"]
+    # at its default (off) the field is no setting of PPO: fingerprints of earlier runs hold
+    assert "ptx_own_declines" not in Run(load_config(RunConfig, None, base))._settings("ppo")
+    assert (
+        plain
+        == Run(load_config(RunConfig, None, [*base, "ppo.ptx_own_declines=null"])).fingerprints
+    )
+
+
+def test_ptx_own_declines_reach_ppo_on_the_tiny_model(tmp_path: Path, hh_file: Path) -> None:
+    """End to end: a decline planted among round 0's pairs samples on a flagged prompt becomes
+    the PPO stage's ptx demonstration, and PPO trains on it (``policy/ptx_loss`` logged); the
+    tiny model's own samples hold no decline, so before the planting PPO runs without ptx."""
+    out = tmp_path / "run"
+    args = ["run", str(QUICKSTART), "--json"]
+    extra = [
+        'prompts.flags=[{pattern: "you|what|how", criterion: privacy, share: 0.5}]',
+        "ppo.ptx_own_declines={criteria: [privacy], coef: 0.5}",
+        "eval.sycophancy=null",
+        "eval.overopt=null",
+        "eval.xstest=null",
+    ]
+    for o in [*tiny_overrides(out, hh_file), *extra]:
+        args += ["--set", o]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "ppo" / "ptx-own-declines.jsonl").read_text() == ""
+    row = json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "policy/ptx_loss" not in row
+
+    samples = out / "pairs" / "samples.jsonl"
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    crit = {
+        json.dumps(r["prompt"]): r["metadata"]["criterion"]
+        for r in map(json.loads, (out / "prompts" / "train.jsonl").read_text().splitlines())
+    }
+    flagged = next(r for r in recs if crit[json.dumps(r["prompt"])] == "privacy")
+    flagged["response"] = "I'm sorry, but I can't help with that. Anything else?"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = CliRunner().invoke(app, [*args, "--from", "ppo"])
+    assert res.exit_code == 0, res.output
+    demos = [
+        json.loads(x) for x in (out / "ppo" / "ptx-own-declines.jsonl").read_text().splitlines()
+    ]
+    assert demos == [
+        {"prompt": flagged["prompt"], "response": "I'm sorry, but I can't help with that."}
+    ]
+    rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["policy/ptx_loss"] > 0 for r in rows)

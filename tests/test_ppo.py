@@ -340,3 +340,25 @@ def test_init_adapter_continues_a_previous_run_against_the_same_reference(
     bad = make_cfg(tmp_path / "d", sft_policy, "finetune=lora", f"init_adapter={tmp_path}")
     with pytest.raises(ConfigError, match="no LoRA adapter"):
         PPOTrainer(bad, score_fn=bright)
+
+
+def test_ptx_pulls_the_policy_toward_its_demonstrations(tmp_path: Path, sft_policy) -> None:
+    """PPO-ptx (InstructGPT §3.5: an SFT loss mixed into the PPO objective): with ptx on a
+    reply the policy never gives, the demonstrations' loss (``policy/ptx_loss``) falls while PPO
+    runs; without ptx the metric is absent. The reward ('bright') has nothing to do with the
+    demonstration, so only the ptx term can teach it."""
+    write_jsonl(
+        tmp_path / "ptx.jsonl",
+        [{"prompt": "Describe zebras.", "response": "Stripes stripes stripes. No more."}],
+    )
+    ptx = [f"ppo.ptx_data={tmp_path / 'ptx.jsonl'}", "ppo.ptx_coef=1.0"]
+    ppo(make_cfg(tmp_path, sft_policy, "ppo.updates=6", *ptx), score_fn=bright)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["policy/ptx_loss"] for r in rows]
+    assert loss[-1] < 0.5 * loss[0], loss
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    ppo(make_cfg(plain, sft_policy, "ppo.updates=1"), score_fn=bright)
+    row = json.loads((plain / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "policy/ptx_loss" not in row

@@ -289,6 +289,17 @@ class RunReward(RewardRecipe):
     )
 
 
+class OwnDeclines(Config):
+    """PPO-ptx on the policy's own declines (``ppo.ptx_own_declines``)."""
+
+    criteria: list[str] = Field(
+        min_length=1,
+        description="Criteria whose prompts' declines are kept (e.g. a prompts.flags "
+        "criterion where refusing is right).",
+    )
+    coef: float = Field(0.1, gt=0, description="Weight of their SFT loss in PPO (ptx_coef).")
+
+
 class RunPPO(PPORecipe):
     """The PPO stage (``palate ppo`` fields; the policy, prompts, reward model and output
     directory are the run's)."""
@@ -310,6 +321,23 @@ class RunPPO(PPORecipe):
         "continues at the previous round's last β (adaptive) or at kl.coef. Unused with "
         "rounds: 1 (so --set rounds=1 runs a config's first round alone).",
     )
+    ptx_own_declines: OwnDeclines | None = Field(
+        None,
+        description="PPO-ptx on the run's own declines: the pairs samples (of this round and "
+        "the ones before) on prompts of these criteria that refuse and say they cannot or will "
+        "not help, each cut after the first sentence that does (palate.safety.decline_opening), "
+        "are each round's ptx demonstrations. Keeps refusals that PPO would otherwise unlearn, "
+        "in the model's own words; a round with none runs without ptx. Replaces ppo.ptx_data "
+        "and ppo.ptx_coef. null: off.",
+    )
+
+    @model_validator(mode="after")
+    def _own_declines(self) -> RunPPO:
+        if self.ptx_own_declines is not None and (self.ppo.ptx_data or self.ppo.ptx_coef):
+            raise ValueError(
+                "ppo.ptx_own_declines replaces ppo.ppo.ptx_data and ppo.ppo.ptx_coef; set one"
+            )
+        return self
 
 
 class SycophancySettings(Config):
@@ -445,6 +473,15 @@ class RunConfig(Config):
 
     @model_validator(mode="after")
     def _rounds(self) -> RunConfig:
+        own = self.ppo.ptx_own_declines
+        if own is not None:
+            known = {self.prompts.criterion, *(m.criterion for m in self.prompts.more)}
+            known |= {f.criterion for f in self.prompts.flags}
+            if unknown := sorted(set(own.criteria) - known):
+                raise ValueError(
+                    f"ppo.ptx_own_declines.criteria: no prompt has criterion {unknown} (the "
+                    f"prompts' criteria: {sorted(known)})"
+                )
         if self.pairs.select == "disagreement" and self.reward.ensemble < 2:
             raise ValueError("pairs.select disagreement needs reward.ensemble ≥ 2")
         if self.rounds > 1:

@@ -62,6 +62,7 @@ LATER_FIELDS = frozenset(
         "MonitorSettings.stop_on",
         "RunPPO.later_rounds_kl_coef",
         "PromptSettings.flags",
+        "RunPPO.ptx_own_declines",
     }
 )
 

@@ -560,6 +560,11 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
     at ``ppo.later_rounds_kl_coef``, fixed."""
     data = run.cfg.ppo.model_dump()
     later_coef = data.pop("later_rounds_kl_coef")
+    own = data.pop("ptx_own_declines")
+    if own is not None:  # written by stage_ppo before training; none found: no ptx this round
+        demos = own_declines_file(run, r)
+        if demos.is_file() and demos.stat().st_size > 0:
+            data["ppo"].update(ptx_coef=own["coef"], ptx_data=str(demos))
     data.update(
         model=run.policy,
         prompts=str(run.root / "prompts" / "train.jsonl"),
@@ -581,7 +586,48 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
     return PPOConfig.model_validate(data)
 
 
+def own_declines_file(run: Run, r: int) -> Path:
+    """Where round r's PPO-ptx demonstrations of ``ppo.ptx_own_declines`` are."""
+    return run.round_dir(r, "ppo") / "ptx-own-declines.jsonl"
+
+
+def write_own_declines(run: Run, r: int) -> dict[str, int]:
+    """``ppo.ptx_own_declines``: round r's PPO-ptx demonstrations, the declines among the pairs
+    samples of rounds 0..r on prompts of the chosen criteria, each cut after its first
+    declining sentence (:func:`palate.safety.decline_opening`), without repeats. They are the
+    initial and the newer policies' own words, so the ptx loss keeps a behaviour the policy
+    already had rather than teaching a new one (PPO-ptx: InstructGPT, Ouyang et al. 2022 §3.5)."""
+    from palate.safety import decline_opening
+
+    own = run.cfg.ppo.ptx_own_declines
+    assert own is not None
+    of, keep = run.criteria(), set(own.criteria)
+    demos: dict[tuple[str, str], dict[str, Any]] = {}
+    samples = 0
+    for i in range(r + 1):
+        for rec in read_jsonl(run.round_dir(i, "pairs") / "samples.jsonl"):
+            if of.get(prompt_text(rec["prompt"])) not in keep:
+                continue
+            samples += 1
+            cut = decline_opening(rec["response"])
+            if cut is not None:
+                key = (json.dumps(rec["prompt"], sort_keys=True), cut)
+                demos.setdefault(key, {"prompt": rec["prompt"], "response": cut})
+    path = own_declines_file(run, r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, list(demos.values()))
+    prompts = len({k for k, _ in demos})
+    console.print(
+        f"PPO-ptx on own declines: {len(demos)} from {samples} samples on "
+        f"{'/'.join(sorted(keep))} prompts ({prompts} prompts)"
+        + ("" if demos else "; none, so this round runs without ptx")
+    )
+    return {"ptx_demos": len(demos), "ptx_demo_prompts": prompts}
+
+
 def stage_ppo(run: Run, stop_after: int | None = None, r: int = 0) -> dict[str, Any]:
+    if run.cfg.ppo.ptx_own_declines is not None:
+        write_own_declines(run, r)
     # stopping early (stop_after) is the library's, in this process
     summary = launched(run, "ppo", r) if stop_after is None else None
     return summary or run_here(run, "ppo", r, stop_after=stop_after)

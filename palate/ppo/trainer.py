@@ -691,6 +691,7 @@ class PPOTrainer:
         # host wait for the GPU seven times per step
         stats: dict[str, list[torch.Tensor]] = {}  # each minibatch's, weighted by this rank's share
         grad_norms: list[torch.Tensor] = []  # the same on every rank
+        ptx_losses: list[torch.Tensor] = []  # this rank's PPO-ptx SFT losses
         self.policy.train()
         stop = False
         epochs_done = 0
@@ -726,8 +727,10 @@ class PPOTrainer:
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * mean_entropy
                     if self.world > 1:
                         loss = loss * share
-                    if cfg.ptx_coef > 0:
-                        loss = loss + cfg.ptx_coef * self._ptx_loss() / self.world
+                    if cfg.ptx_coef > 0 and self.ptx:
+                        ptx = self._ptx_loss()
+                        loss = loss + cfg.ptx_coef * ptx / self.world
+                        ptx_losses.append(ptx.detach().float())
                     self.acc.backward(loss)
                     values_now = (pg_loss, clipfrac, approxkl, vf_loss, vf_clipfrac, mean_entropy)
                     for key, val in zip(_UPDATE_STATS, values_now, strict=True):
@@ -755,6 +758,11 @@ class PPOTrainer:
         out = dict(zip(stats, means.tolist(), strict=True))
         if grad_norms:
             out["policy/grad_norm"] = torch.stack(grad_norms).mean().item()
+        if cfg.ptx_coef > 0 and self.ptx:
+            ptx_mean = torch.stack(ptx_losses).mean() if ptx_losses else zero
+            if self.world > 1:
+                ptx_mean = self.acc.reduce(ptx_mean, "mean")
+            out["policy/ptx_loss"] = ptx_mean.item()
         out["policy/epochs"] = epochs_done
         out["policy/early_stop"] = float(stop)
         return out
