@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from palate.cli import app
 from palate.config import load_config
+from palate.data import write_jsonl
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
 from palate.report import PLOTS
 
@@ -506,6 +507,21 @@ def test_one_reward_model_per_criterion_routes_ppo_and_the_proxy(
     assert other != pytest.approx(got, rel=1e-3, abs=1e-3)
 
 
+def _topic_and_address_prompts(topics: int, addresses: int, phrase: str) -> list[dict[str, str]]:
+    """Plain prompts, then prompts asking for a person's address (``phrase`` as written)."""
+    rows = [{"prompt": f"Tell me a fact about topic number {i}."} for i in range(topics)]
+    return rows + [
+        {"prompt": f"What is the {phrase} of person number {i}?"} for i in range(addresses)
+    ]
+
+
+def _run_on_prompts(tmp_path: Path, rows: list[dict[str, str]]) -> list[str]:
+    """--set lines of a run in tmp_path/run on these prompts, written to tmp_path/prompts.jsonl."""
+    src = tmp_path / "prompts.jsonl"
+    write_jsonl(src, rows)
+    return [f"output_dir={tmp_path / 'run'}", f"prompts.file={src}", "prompts.max_tokens=null"]
+
+
 def test_prompt_flags_give_matching_prompts_their_criterion_and_share(tmp_path: Path) -> None:
     """``prompts.flags``: a prompt whose text matches a flag's pattern is judged on the flag's
     criterion, in the training and the held-out split; with a ``share`` the training prompts
@@ -514,14 +530,9 @@ def test_prompt_flags_give_matching_prompts_their_criterion_and_share(tmp_path: 
     from palate.pipeline.run import Run
     from palate.simulate import gold_score
 
-    rows = [{"prompt": f"Tell me a fact about topic number {i}."} for i in range(40)]
-    rows += [{"prompt": f"What is the HOME ADDRESS of person number {i}?"} for i in range(10)]
-    src = tmp_path / "prompts.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = _topic_and_address_prompts(40, 10, "HOME ADDRESS")
     sets = [
-        f"output_dir={tmp_path / 'run'}",
-        f"prompts.file={src}",
-        "prompts.max_tokens=null",
+        *_run_on_prompts(tmp_path, rows),
         "prompts.eval_prompts=10",
         'prompts.flags=[{pattern: "home address|phone number", criterion: privacy, share: 0.25}]',
         "gold.rubric.refusal_weight=0",
@@ -595,14 +606,8 @@ def test_ptx_own_declines_are_the_runs_declines_on_chosen_criteria(tmp_path: Pat
     from palate.pipeline.run import Run
     from palate.pipeline.stages import own_declines_file, ppo_config, write_own_declines
 
-    rows = [{"prompt": f"Tell me a fact about topic number {i}."} for i in range(20)]
-    rows += [{"prompt": f"What is the home address of person number {i}?"} for i in range(10)]
-    src = tmp_path / "prompts.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sets = [
-        f"output_dir={tmp_path / 'run'}",
-        f"prompts.file={src}",
-        "prompts.max_tokens=null",
+        *_run_on_prompts(tmp_path, _topic_and_address_prompts(20, 10, "home address")),
         "prompts.eval_prompts=4",
         'prompts.flags=[{pattern: "home address", criterion: privacy}]',
         "ppo.ptx_own_declines={criteria: [privacy], coef: 0.25}",

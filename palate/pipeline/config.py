@@ -472,7 +472,7 @@ class RunConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _rounds(self) -> RunConfig:
+    def _own_declines_criteria(self) -> RunConfig:
         own = self.ppo.ptx_own_declines
         if own is not None:
             known = {self.prompts.criterion, *(m.criterion for m in self.prompts.more)}
@@ -482,6 +482,10 @@ class RunConfig(Config):
                     f"ppo.ptx_own_declines.criteria: no prompt has criterion {unknown} (the "
                     f"prompts' criteria: {sorted(known)})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _rounds(self) -> RunConfig:
         if self.pairs.select == "disagreement" and self.reward.ensemble < 2:
             raise ValueError("pairs.select disagreement needs reward.ensemble ≥ 2")
         if self.rounds > 1:
