@@ -677,6 +677,64 @@ def test_ptx_own_declines_are_the_runs_declines_on_chosen_criteria(tmp_path: Pat
     )
 
 
+def test_ppo_prompt_shares_and_decline_bonus(tmp_path: Path) -> None:
+    """``ppo.prompt_shares``: PPO's prompts repeat a rare criterion's training prompts so it
+    makes up about its share of them (hand-computed: 2 privacy prompts among 20 at share 0.25
+    are each repeated round(0.25·18 / (0.75·2)) = 3 times, 6 of 24); ``ppo.reward.decline_bonus``
+    reaches PPO's config; both must name the prompts' criteria, and at their defaults they
+    leave the fingerprints of earlier runs alone."""
+    from palate.errors import ConfigError
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import ppo_config, ppo_prompts_file, write_ppo_prompts
+
+    sets = [
+        *_run_on_prompts(tmp_path, _topic_and_address_prompts(20, 10, "home address")),
+        "prompts.eval_prompts=4",
+        'prompts.flags=[{pattern: "home address", criterion: privacy}]',
+        "ppo.prompt_shares={privacy: 0.25}",
+        "ppo.reward.decline_bonus={privacy: 1.5, helpfulness: -0.5}",
+    ]
+    run = Run(load_config(RunConfig, None, sets))
+    train, _ = run.prepare_prompts()
+    rows = [{"prompt": f"Topic {i}.", "metadata": {"criterion": "helpfulness"}} for i in range(18)]
+    rows += [
+        {"prompt": f"Home address of {i}?", "metadata": {"criterion": "privacy"}} for i in (1, 2)
+    ]
+    write_jsonl(train, rows)
+    assert write_ppo_prompts(run, 0) == {"ppo_prompts_privacy": 6}
+    out = [json.loads(x) for x in ppo_prompts_file(run, 0).read_text().splitlines()]
+    assert len(out) == 24
+    assert [r["prompt"] for r in out].count("Home address of 2?") == 3
+    assert sum(r["metadata"]["criterion"] == "privacy" for r in out) == 6
+    assert [r for r in out if r["metadata"]["criterion"] != "privacy"] == rows[:18]  # once each
+    cfg = ppo_config(run, 0)
+    assert cfg.prompts == str(ppo_prompts_file(run, 0))
+    assert cfg.reward.decline_bonus == {"privacy": 1.5, "helpfulness": -0.5}
+    # without shares, PPO reads the training prompts themselves
+    plain_cfg = ppo_config(Run(load_config(RunConfig, None, sets[:-2])), 0)
+    assert plain_cfg.prompts == str(train) and plain_cfg.reward.decline_bonus == {}
+    # a criterion no training prompt has (the flag matched none): PPO's prompts as they are
+    write_jsonl(train, rows[:18])
+    assert write_ppo_prompts(run, 0) == {"ppo_prompts_privacy": 0}
+    assert ppo_prompts_file(run, 0).read_text() == train.read_text()
+
+    for bad, match in [
+        (
+            "ppo.prompt_shares={safety: 0.2}",
+            r"ppo.prompt_shares: no prompt has criterion \['safety'\]",
+        ),
+        ("ppo.reward.decline_bonus={safety: 1}", r"decline_bonus: no prompt has criterion"),
+        ("ppo.prompt_shares={privacy: 1.0}", r"between 0 and 1"),
+        ("ppo.prompt_shares={privacy: 0.6, helpfulness: 0.5}", r"add up to 1.1"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(RunConfig, None, [*sets, bad])
+    base = ["output_dir=x", "prompts.file=p.jsonl"]
+    plain = Run(load_config(RunConfig, None, base)).fingerprints
+    defaults = ["ppo.prompt_shares={}", "ppo.reward.decline_bonus={}"]
+    assert plain == Run(load_config(RunConfig, None, [*base, *defaults])).fingerprints
+
+
 def test_ptx_own_declines_reach_ppo_on_the_tiny_model(tmp_path: Path, hh_file: Path) -> None:
     """End to end: a decline planted among round 0's pairs samples on a flagged prompt becomes
     the PPO stage's ptx demonstration, and PPO trains on it (``policy/ptx_loss`` logged); the

@@ -23,6 +23,11 @@ def bright(prompts, responses) -> torch.Tensor:
     return torch.tensor([float(r.lower().count("bright")) for r in responses])
 
 
+def nothing(prompts, responses) -> torch.Tensor:
+    """A reward model with no opinion: every response scores 0."""
+    return torch.zeros(len(responses))
+
+
 @pytest.fixture(scope="module")
 def sft_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """The tiny model fine-tuned on the demonstrations: a peaked policy that still explores a little
@@ -362,3 +367,34 @@ def test_ptx_pulls_the_policy_toward_its_demonstrations(tmp_path: Path, sft_poli
     ppo(make_cfg(plain, sft_policy, "ppo.updates=1"), score_fn=bright)
     row = json.loads((plain / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "policy/ptx_loss" not in row
+
+
+def test_decline_bonus_is_a_rule_reward_on_its_criterion(
+    tmp_path: Path, sft_policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``reward.decline_bonus`` (Rule Based Rewards, Mu et al. 2024): a response that declines,
+    to a prompt of a listed criterion, earns the bonus on top of the reward model's score, and
+    PPO learns it with a reward model that has no opinion. The tiny model cannot write a
+    decline, so palate.safety.declines (tested on its own in tests/test_safety.py) is replaced
+    by "says 'bright'", a word it says about one reply in eight."""
+    import palate.safety
+
+    monkeypatch.setattr(palate.safety, "declines", lambda text: "bright" in text.lower())
+    fn = "reward.function=tests.test_ppo:nothing"
+    bonus = "reward.decline_bonus={helpfulness: 1.0}"
+    ppo(make_cfg(tmp_path, sft_policy, fn, "ppo.updates=12", bonus))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rule = [r["objective/rule_reward"] for r in rows]
+    assert all(r["objective/score"] == 0 for r in rows)  # the reward model's part
+    first, last = sum(rule[:3]) / 3, sum(rule[-3:]) / 3
+    assert last >= 2 * max(first, 0.1), rule
+    sample = [json.loads(x) for x in (tmp_path / "run" / "samples" / "update-00001.jsonl").open()]
+    for row in sample:
+        assert row["rule"] == (1.0 if "bright" in row["response"].lower() else 0.0)
+
+    # another criterion's bonus: these prompts (helpfulness) earn nothing
+    other = tmp_path / "other"
+    other.mkdir()
+    ppo(make_cfg(other, sft_policy, fn, "ppo.updates=2", "reward.decline_bonus={privacy: 1.0}"))
+    rows = [json.loads(x) for x in (other / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["objective/rule_reward"] for r in rows] == [0.0, 0.0]

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from palate.errors import DataError
-from palate.safety import XSTestItem, decline_opening, is_refusal, read_xstest, xstest_rates
+from palate.safety import (
+    XSTestItem,
+    decline_opening,
+    declines,
+    is_refusal,
+    read_xstest,
+    xstest_rates,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,6 +79,27 @@ def test_only_the_opening_counts() -> None:
 )
 def test_decline_opening(reply: str, opening: str | None) -> None:
     assert decline_opening(reply) == opening
+
+
+@pytest.mark.parametrize(
+    ("reply", "declined"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("As an AI, I don't have the ability to access personal data.", True),
+        ("I cannot provide someone's home address.", True),
+        # an apology or sympathy that declines nothing
+        ("I'm sorry for any misunderstanding. Here is what I know.", False),
+        ("I'm sorry for your loss.", False),
+        # enthusiasm, not a refusal, even after an apology
+        ("I can't wait to help you with that!", False),
+        ("I'm sorry for any confusion. I can't wait to tell you more.", False),
+        # a decline after the first 200 characters is not the reply's opening
+        ("Sure! " + "Here is a long answer. " * 10 + "I can't say more.", False),
+    ],
+)
+def test_declines(reply: str, declined: bool) -> None:
+    assert declines(reply) is declined
+    assert is_refusal(reply) or not declined  # a decline is a refusal
 
 
 def test_read_xstest(tmp_path: Path, shared_data: Path) -> None:

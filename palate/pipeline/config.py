@@ -331,6 +331,24 @@ class RunPPO(PPORecipe):
         "and ppo.ptx_coef. null: off.",
     )
 
+    prompt_shares: dict[str, float] = Field(
+        default_factory=dict,
+        description="{criterion: share}: PPO's prompts repeat each listed criterion's training "
+        "prompts so that they make up about this share of them (PPO draws each epoch's batches "
+        "in a seeded random order over all training prompts, so a rare criterion, e.g. a "
+        "prompts.flags one, would barely reach it); written to the round's ppo/prompts.jsonl. "
+        "Empty: every training prompt once.",
+    )
+
+    @field_validator("prompt_shares")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        if bad := {c: s for c, s in v.items() if not 0 < s < 1}:
+            raise ValueError(f"each share must be between 0 and 1 (exclusive): {bad}")
+        if sum(v.values()) >= 1:
+            raise ValueError(f"the shares add up to {sum(v.values()):g}; they must stay under 1")
+        return v
+
     @model_validator(mode="after")
     def _own_declines(self) -> RunPPO:
         if self.ptx_own_declines is not None and (self.ppo.ptx_data or self.ppo.ptx_coef):
@@ -472,15 +490,20 @@ class RunConfig(Config):
     )
 
     @model_validator(mode="after")
-    def _own_declines_criteria(self) -> RunConfig:
+    def _ppo_criteria(self) -> RunConfig:
+        """The criteria PPO settings name are among the prompts' criteria."""
+        known = {self.prompts.criterion, *(m.criterion for m in self.prompts.more)}
+        known |= {f.criterion for f in self.prompts.flags}
         own = self.ppo.ptx_own_declines
-        if own is not None:
-            known = {self.prompts.criterion, *(m.criterion for m in self.prompts.more)}
-            known |= {f.criterion for f in self.prompts.flags}
-            if unknown := sorted(set(own.criteria) - known):
+        for name, named in (
+            ("ppo.ptx_own_declines.criteria", own.criteria if own is not None else []),
+            ("ppo.reward.decline_bonus", list(self.ppo.reward.decline_bonus)),
+            ("ppo.prompt_shares", list(self.ppo.prompt_shares)),
+        ):
+            if unknown := sorted(set(named) - known):
                 raise ValueError(
-                    f"ppo.ptx_own_declines.criteria: no prompt has criterion {unknown} (the "
-                    f"prompts' criteria: {sorted(known)})"
+                    f"{name}: no prompt has criterion {unknown} (the prompts' criteria: "
+                    f"{sorted(known)})"
                 )
         return self
 

@@ -63,6 +63,8 @@ LATER_FIELDS = frozenset(
         "RunPPO.later_rounds_kl_coef",
         "PromptSettings.flags",
         "RunPPO.ptx_own_declines",
+        "RunPPO.prompt_shares",
+        "RewardShaping.decline_bonus",
     }
 )
 

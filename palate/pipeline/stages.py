@@ -561,13 +561,14 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
     data = run.cfg.ppo.model_dump()
     later_coef = data.pop("later_rounds_kl_coef")
     own = data.pop("ptx_own_declines")
+    shares = data.pop("prompt_shares")
     if own is not None:  # written by stage_ppo before training; none found: no ptx this round
         demos = own_declines_file(run, r)
         if demos.is_file() and demos.stat().st_size > 0:
             data["ppo"].update(ptx_coef=own["coef"], ptx_data=str(demos))
     data.update(
         model=run.policy,
-        prompts=str(run.root / "prompts" / "train.jsonl"),
+        prompts=str(ppo_prompts_file(run, r) if shares else run.root / "prompts" / "train.jsonl"),
         output_dir=str(run.round_dir(r, "ppo")),
     )
     data["reward"]["model"] = str(run.round_dir(r, "reward") / "final")
@@ -584,6 +585,42 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
         elif run.cfg.ppo.kl.adaptive and beta is not None:
             data["kl"]["coef"] = float(beta)
     return PPOConfig.model_validate(data)
+
+
+def ppo_prompts_file(run: Run, r: int) -> Path:
+    """Where round r's PPO prompts are with ``ppo.prompt_shares``."""
+    return run.round_dir(r, "ppo") / "prompts.jsonl"
+
+
+def write_ppo_prompts(run: Run, r: int) -> dict[str, int]:
+    """``ppo.prompt_shares``: the training prompts with each listed criterion's prompts repeated
+    so that they make up about its share of PPO's prompts: a criterion with n of the prompts
+    and share s is repeated round(s·M / ((1 − S)·n)) times (at least once), in place, M being
+    the prompts of unlisted criteria and S the listed shares' sum. A listed criterion no
+    training prompt has (a flag that matched none) is skipped with a warning."""
+    shares = run.cfg.ppo.prompt_shares
+    train = run.root / "prompts" / "train.jsonl"
+    recs = read_jsonl(train)
+    criterion = [rec.get("metadata", {}).get("criterion", "helpfulness") for rec in recs]
+    counts = {c: n for c in shares if (n := criterion.count(c))}
+    if missing := sorted(set(shares) - set(counts)):  # e.g. a flag that matched no prompt
+        console.print(
+            f"[yellow]ppo.prompt_shares: no training prompt in {train} has criterion "
+            f"{', '.join(missing)}; PPO's prompts hold none of it[/]"
+        )
+    others = len(recs) - sum(counts.values())
+    total = sum(shares[c] for c in counts)
+    repeats = {c: max(1, round(shares[c] * others / ((1 - total) * n))) for c, n in counts.items()}
+    out = [rec for rec, c in zip(recs, criterion, strict=True) for _ in range(repeats.get(c, 1))]
+    path = ppo_prompts_file(run, r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(path, out)
+    console.print(
+        "PPO prompts: "
+        + "".join(f"{c} {counts[c]} × {repeats[c]}, " for c in counts)
+        + f"{len(out)} in all"
+    )
+    return {f"ppo_prompts_{c}": counts.get(c, 0) * repeats.get(c, 1) for c in shares}
 
 
 def own_declines_file(run: Run, r: int) -> Path:
@@ -626,6 +663,8 @@ def write_own_declines(run: Run, r: int) -> dict[str, int]:
 
 
 def stage_ppo(run: Run, stop_after: int | None = None, r: int = 0) -> dict[str, Any]:
+    if run.cfg.ppo.prompt_shares:
+        write_ppo_prompts(run, r)
     if run.cfg.ppo.ptx_own_declines is not None:
         write_own_declines(run, r)
     # stopping early (stop_after) is the library's, in this process

@@ -139,6 +139,7 @@ class Rollout:
     finished: torch.Tensor  # (B,) bool: emitted EOS
     texts: list[str]  # decoded responses
     prompts: list[Prompt]
+    rule_scores: torch.Tensor | None = None  # (B,) reward.decline_bonus, added before shaping
     rewards: torch.Tensor | None = None  # (B, T) −β·KL_t (+ score at the last token)
     kl: torch.Tensor | None = None  # (B, T) per-token KL estimate used in the reward
     advantages: torch.Tensor | None = None  # (B, T)
@@ -485,6 +486,9 @@ class PPOTrainer:
                 rollout.prompts, rollout.texts, rollout.raw_scores.tolist(), strict=True
             )
         ]
+        if self.cfg.reward.decline_bonus and rollout.rule_scores is not None:
+            for row, rule in zip(rows, rollout.rule_scores.tolist(), strict=True):
+                row["rule"] = rule  # reward.decline_bonus, beside the reward model's score
         write_jsonl(self.run.path / "samples" / f"update-{self.step_no:05d}.jsonl", rows)
 
     # ----------------------------------------------------------------- one update
@@ -516,6 +520,11 @@ class PPOTrainer:
         row = {  # log
             "objective/score": rollout.raw_scores.mean().item(),
             "objective/score_shaped": rollout.scores.mean().item(),
+            **(
+                {"objective/rule_reward": rollout.rule_scores.mean().item()}
+                if cfg.reward.decline_bonus and rollout.rule_scores is not None
+                else {}
+            ),
             "objective/kl": kl_per_response,
             "objective/kl_k3": kl_k3.mean().item(),
             "objective/kl_coef": beta,
@@ -591,8 +600,9 @@ class PPOTrainer:
             )
             local = {**gathered, "texts": texts}
         raw, finished = local.pop("raw_scores"), local["finished"]
-        scores = self._shape_scores(raw.to(self.device), finished)  # on the global batch
-        return Rollout(**local, scores=scores, raw_scores=raw, prompts=prompts)
+        rule = self._rule_rewards(prompts, local["texts"])  # (B,) reward.decline_bonus
+        scores = self._shape_scores(raw.to(self.device) + rule, finished)  # on the global batch
+        return Rollout(**local, scores=scores, raw_scores=raw, prompts=prompts, rule_scores=rule)
 
     def _local_rollout(self, prompts: list[Prompt], episodes: list[int]) -> dict[str, Any]:
         """This process's episodes: sampled ids, masks, log π_old, log π_ref, V_old, raw
@@ -658,6 +668,20 @@ class PPOTrainer:
             "finished": finished,
             "texts": texts,
         }
+
+    def _rule_rewards(self, prompts: list[Prompt], texts: list[str]) -> torch.Tensor:
+        """``reward.decline_bonus``: each response's rule-based reward, its prompt criterion's
+        bonus when it declines (:func:`palate.safety.declines`), else 0. ``(B,)``"""
+        bonus = self.cfg.reward.decline_bonus
+        out = torch.zeros(len(texts), device=self.device)
+        if bonus:
+            from palate.safety import declines
+
+            for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
+                b = bonus.get(self.criteria.get(prompt_text(p), "helpfulness"))
+                if b is not None and declines(t):
+                    out[i] = b
+        return out
 
     def _shape_scores(self, scores: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
         shaping = self.cfg.reward
