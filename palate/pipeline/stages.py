@@ -601,7 +601,8 @@ def write_ppo_prompts(run: Run, r: int) -> dict[str, int]:
     shares = run.cfg.ppo.prompt_shares
     train = run.root / "prompts" / "train.jsonl"
     recs = read_jsonl(train)
-    criterion = [rec.get("metadata", {}).get("criterion", "helpfulness") for rec in recs]
+    of = run.criteria()
+    criterion = [of[prompt_text(rec["prompt"])] for rec in recs]
     counts = {c: n for c in shares if (n := criterion.count(c))}
     if missing := sorted(set(shares) - set(counts)):  # e.g. a flag that matched no prompt
         console.print(
