@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -724,15 +725,38 @@ def test_ppo_prompt_shares_and_decline_bonus(tmp_path: Path) -> None:
             r"ppo.prompt_shares: no prompt has criterion \['safety'\]",
         ),
         ("ppo.reward.decline_bonus={safety: 1}", r"decline_bonus: no prompt has criterion"),
+        (
+            "ppo.sft_own_declines={criteria: [safety]}",
+            r"sft_own_declines.criteria: no prompt has criterion \['safety'\]",
+        ),
+        (
+            "ppo.sft_own_declines={criteria: [privacy], epochs: 1}|ppo.finetune=full",
+            r"sft_own_declines needs ppo.finetune lora",
+        ),
         ("ppo.prompt_shares={privacy: 1.0}", r"between 0 and 1"),
         ("ppo.prompt_shares={privacy: 0.6, helpfulness: 0.5}", r"add up to 1.1"),
     ]:
         with pytest.raises(ConfigError, match=match):
-            load_config(RunConfig, None, [*sets, bad])
+            load_config(RunConfig, None, [*sets, *bad.split("|")])
     base = ["output_dir=x", "prompts.file=p.jsonl"]
     plain = Run(load_config(RunConfig, None, base)).fingerprints
-    defaults = ["ppo.prompt_shares={}", "ppo.reward.decline_bonus={}"]
+    defaults = ["ppo.prompt_shares={}", "ppo.reward.decline_bonus={}", "ppo.sft_own_declines=null"]
     assert plain == Run(load_config(RunConfig, None, [*base, *defaults])).fingerprints
+
+
+def _plant_decline(out: Path) -> dict[str, Any]:
+    """Make the run's first pairs sample on a privacy prompt a decline (the tiny model writes
+    none); returns that sample."""
+    samples = out / "pairs" / "samples.jsonl"
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    crit = {
+        json.dumps(r["prompt"]): r["metadata"]["criterion"]
+        for r in map(json.loads, (out / "prompts" / "train.jsonl").read_text().splitlines())
+    }
+    flagged = next(r for r in recs if crit[json.dumps(r["prompt"])] == "privacy")
+    flagged["response"] = "I'm sorry, but I can't help with that. Anything else?"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return flagged
 
 
 def test_ptx_own_declines_reach_ppo_on_the_tiny_model(tmp_path: Path, hh_file: Path) -> None:
@@ -756,15 +780,7 @@ def test_ptx_own_declines_reach_ppo_on_the_tiny_model(tmp_path: Path, hh_file: P
     row = json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     assert "policy/ptx_loss" not in row
 
-    samples = out / "pairs" / "samples.jsonl"
-    recs = [json.loads(x) for x in samples.read_text().splitlines()]
-    crit = {
-        json.dumps(r["prompt"]): r["metadata"]["criterion"]
-        for r in map(json.loads, (out / "prompts" / "train.jsonl").read_text().splitlines())
-    }
-    flagged = next(r for r in recs if crit[json.dumps(r["prompt"])] == "privacy")
-    flagged["response"] = "I'm sorry, but I can't help with that. Anything else?"
-    samples.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    flagged = _plant_decline(out)
     res = CliRunner().invoke(app, [*args, "--from", "ppo"])
     assert res.exit_code == 0, res.output
     demos = [
@@ -775,3 +791,69 @@ def test_ptx_own_declines_reach_ppo_on_the_tiny_model(tmp_path: Path, hh_file: P
     ]
     rows = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["policy/ptx_loss"] > 0 for r in rows)
+
+
+def test_sft_own_declines_warm_starts_round_0s_ppo(tmp_path: Path, hh_file: Path) -> None:
+    """``ppo.sft_own_declines``: the tiny model's own samples hold no decline, so PPO starts
+    from fresh adapters (its first rollout is the reference's: KL 0); a decline planted among
+    round 0's pairs samples on a flagged prompt is fine-tuned into an adapter first — it makes
+    that decline likelier than the initial model does — and PPO starts from that adapter (KL
+    above 0 from the first rollout; the reference stays the initial model)."""
+    import torch
+    from peft import PeftModel
+
+    from palate.data import Demonstration
+    from palate.lm import response_cross_entropy
+    from palate.models import load_model
+    from palate.pipeline.run import Run
+    from palate.pipeline.stages import ppo_config, warm_start_dir
+    from palate.sft.data import collate, tokenize_demonstration
+
+    out = tmp_path / "run"
+    args = ["run", str(QUICKSTART), "--json"]
+    extra = [
+        'prompts.flags=[{pattern: "you|what|how", criterion: privacy, share: 0.5}]',
+        "ppo.sft_own_declines={criteria: [privacy], epochs: 4, lr: 0.01, batch_size: 2}",
+        "eval.sycophancy=null",
+        "eval.overopt=null",
+        "eval.xstest=null",
+    ]
+    sets = [*tiny_overrides(out, hh_file), *extra]
+    for o in sets:
+        args += ["--set", o]
+
+    def first_kl() -> float:
+        row = (out / "ppo" / "metrics.jsonl").read_text().splitlines()[0]
+        return float(json.loads(row)["objective/kl"])
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "ppo" / "warm-start-declines.jsonl").read_text() == ""
+    assert not (warm_start_dir(Run(load_config(RunConfig, None, sets))) / "final").exists()
+    assert first_kl() == pytest.approx(0.0, abs=1e-6)
+
+    flagged = _plant_decline(out)
+    res = CliRunner().invoke(app, [*args, "--from", "ppo"])
+    assert res.exit_code == 0, res.output
+    decline = {"prompt": flagged["prompt"], "response": "I'm sorry, but I can't help with that."}
+    demos = (out / "ppo" / "warm-start-declines.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in demos] == [decline]
+    run = Run(load_config(RunConfig, None, sets))
+    adapter = warm_start_dir(run) / "final"
+    assert ppo_config(run, 0).init_adapter == str(adapter)
+    assert ppo_config(run, 0).kl.coef == run.cfg.ppo.kl.coef  # the leash is unchanged
+
+    # the adapter learnt the decline: lower cross-entropy than the initial model's
+    base, tok = load_model("tiny")
+    ex = tokenize_demonstration(tok, Demonstration.model_validate(decline), 64)
+    batch = collate([ex], tok.pad_token_id)
+
+    def nll(model: object) -> float:
+        with torch.no_grad():
+            total, count = response_cross_entropy(model, batch)
+        return float(total / count)
+
+    before = nll(base)
+    after = nll(PeftModel.from_pretrained(base, str(adapter)))
+    assert after < before - 0.1
+    assert first_kl() > 1e-4  # PPO's first rollout already differs from the reference

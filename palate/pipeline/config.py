@@ -300,6 +300,20 @@ class OwnDeclines(Config):
     coef: float = Field(0.1, gt=0, description="Weight of their SFT loss in PPO (ptx_coef).")
 
 
+class DeclinesWarmStart(Config):
+    """Fine-tuning on the initial model's own declines before round 0's PPO
+    (``ppo.sft_own_declines``)."""
+
+    criteria: list[str] = Field(
+        min_length=1,
+        description="Criteria whose prompts' declines are kept (e.g. a prompts.flags "
+        "criterion where refusing is right).",
+    )
+    epochs: int = Field(2, ge=1, description="Passes over the declines.")
+    lr: float = Field(2e-4, gt=0, description="Learning rate (AdamW, constant, no warm-up).")
+    batch_size: int = Field(8, ge=1, description="Declines per optimiser step.")
+
+
 class RunPPO(PPORecipe):
     """The PPO stage (``palate ppo`` fields; the policy, prompts, reward model and output
     directory are the run's)."""
@@ -331,6 +345,18 @@ class RunPPO(PPORecipe):
         "and ppo.ptx_coef. null: off.",
     )
 
+    sft_own_declines: DeclinesWarmStart | None = Field(
+        None,
+        description="A warm start for round 0's PPO: the LoRA adapters are first fine-tuned "
+        "on the initial model's own declines among round 0's pairs samples on prompts of these "
+        "criteria (cut as for ptx_own_declines; written to ppo/warm-start-declines.jsonl, the "
+        "adapter to ppo/warm-start/), and PPO starts from that adapter; the KL reference stays "
+        "the initial model. Rejection-sampling fine-tuning on a rule (RAFT, Dong et al. 2023) "
+        "as the supervised step before RL of Constitutional AI (Bai et al. 2022): PPO's "
+        "rule reward (reward.decline_bonus) can only pay for declines the policy samples. No "
+        "decline found: PPO starts fresh. Needs finetune lora. null: off.",
+    )
+
     prompt_shares: dict[str, float] = Field(
         default_factory=dict,
         description="{criterion: share}: PPO's prompts repeat each listed criterion's training "
@@ -354,6 +380,10 @@ class RunPPO(PPORecipe):
         if self.ptx_own_declines is not None and (self.ppo.ptx_data or self.ppo.ptx_coef):
             raise ValueError(
                 "ppo.ptx_own_declines replaces ppo.ppo.ptx_data and ppo.ppo.ptx_coef; set one"
+            )
+        if self.sft_own_declines is not None and self.finetune != "lora":
+            raise ValueError(
+                "ppo.sft_own_declines needs ppo.finetune lora (PPO starts from its adapter)"
             )
         return self
 
@@ -494,9 +524,10 @@ class RunConfig(Config):
         """The criteria PPO settings name are among the prompts' criteria."""
         known = {self.prompts.criterion, *(m.criterion for m in self.prompts.more)}
         known |= {f.criterion for f in self.prompts.flags}
-        own = self.ppo.ptx_own_declines
+        own, warm = self.ppo.ptx_own_declines, self.ppo.sft_own_declines
         for name, named in (
             ("ppo.ptx_own_declines.criteria", own.criteria if own is not None else []),
+            ("ppo.sft_own_declines.criteria", warm.criteria if warm is not None else []),
             ("ppo.reward.decline_bonus", list(self.ppo.reward.decline_bonus)),
             ("ppo.prompt_shares", list(self.ppo.prompt_shares)),
         ):

@@ -64,6 +64,7 @@ LATER_FIELDS = frozenset(
         "PromptSettings.flags",
         "RunPPO.ptx_own_declines",
         "RunPPO.prompt_shares",
+        "RunPPO.sft_own_declines",
         "RewardShaping.decline_bonus",
     }
 )

@@ -562,6 +562,9 @@ def ppo_config(run: Run, r: int = 0) -> PPOConfig:
     later_coef = data.pop("later_rounds_kl_coef")
     own = data.pop("ptx_own_declines")
     shares = data.pop("prompt_shares")
+    data.pop("sft_own_declines")
+    if r == 0 and (adapter := warm_start_adapter(run)) is not None:
+        data["init_adapter"] = str(adapter)
     if own is not None:  # written by stage_ppo before training; none found: no ptx this round
         demos = own_declines_file(run, r)
         if demos.is_file() and demos.stat().st_size > 0:
@@ -629,17 +632,16 @@ def own_declines_file(run: Run, r: int) -> Path:
     return run.round_dir(r, "ppo") / "ptx-own-declines.jsonl"
 
 
-def write_own_declines(run: Run, r: int) -> dict[str, int]:
-    """``ppo.ptx_own_declines``: round r's PPO-ptx demonstrations, the declines among the pairs
-    samples of rounds 0..r on prompts of the chosen criteria, each cut after its first
-    declining sentence (:func:`palate.safety.decline_opening`), without repeats. They are the
-    initial and the newer policies' own words, so the ptx loss keeps a behaviour the policy
-    already had rather than teaching a new one (PPO-ptx: InstructGPT, Ouyang et al. 2022 §3.5)."""
+def write_own_declines_to(
+    run: Run, r: int, criteria: list[str], path: Path, use: str, if_none: str
+) -> tuple[int, int]:
+    """The declines among the pairs samples of rounds 0..r on prompts of ``criteria``, each cut
+    after its first declining sentence (:func:`palate.safety.decline_opening`), without
+    repeats, written to ``path`` as demonstrations (and said, for ``use``); returns (how many,
+    on how many prompts)."""
     from palate.safety import decline_opening
 
-    own = run.cfg.ppo.ptx_own_declines
-    assert own is not None
-    of, keep = run.criteria(), set(own.criteria)
+    of, keep = run.criteria(), set(criteria)
     demos: dict[tuple[str, str], dict[str, Any]] = {}
     samples = 0
     for i in range(r + 1):
@@ -651,19 +653,94 @@ def write_own_declines(run: Run, r: int) -> dict[str, int]:
             if cut is not None:
                 key = (json.dumps(rec["prompt"], sort_keys=True), cut)
                 demos.setdefault(key, {"prompt": rec["prompt"], "response": cut})
-    path = own_declines_file(run, r)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, list(demos.values()))
     prompts = len({k for k, _ in demos})
     console.print(
-        f"PPO-ptx on own declines: {len(demos)} from {samples} samples on "
-        f"{'/'.join(sorted(keep))} prompts ({prompts} prompts)"
-        + ("" if demos else "; none, so this round runs without ptx")
+        f"{use}: {len(demos)} from {samples} samples on {'/'.join(sorted(keep))} prompts "
+        f"({prompts} prompts)" + ("" if demos else f"; none, so {if_none}")
     )
-    return {"ptx_demos": len(demos), "ptx_demo_prompts": prompts}
+    return len(demos), prompts
+
+
+def write_own_declines(run: Run, r: int) -> dict[str, int]:
+    """``ppo.ptx_own_declines``: round r's PPO-ptx demonstrations, the declines among the pairs
+    samples of rounds 0..r on prompts of the chosen criteria (:func:`write_own_declines_to`).
+    They are the initial and the newer policies' own words, so the ptx loss keeps a behaviour
+    the policy already had rather than teaching a new one (PPO-ptx: InstructGPT, Ouyang et al.
+    2022 §3.5)."""
+    own = run.cfg.ppo.ptx_own_declines
+    assert own is not None
+    n, prompts = write_own_declines_to(
+        run,
+        r,
+        own.criteria,
+        own_declines_file(run, r),
+        "PPO-ptx on own declines",
+        "this round runs without ptx",
+    )
+    return {"ptx_demos": n, "ptx_demo_prompts": prompts}
+
+
+def warm_start_dir(run: Run) -> Path:
+    """Where ``ppo.sft_own_declines`` fine-tunes round 0's starting adapter."""
+    return run.round_dir(0, "ppo") / "warm-start"
+
+
+def warm_start_adapter(run: Run) -> Path | None:
+    """The adapter round 0's PPO starts from, once ``ppo.sft_own_declines`` has trained it."""
+    final = warm_start_dir(run) / "final"
+    ready = run.cfg.ppo.sft_own_declines is not None and RunDir(warm_start_dir(run)).is_complete()
+    return final if ready and (final / "adapter_config.json").is_file() else None
+
+
+def warm_start(run: Run) -> dict[str, Any]:
+    """``ppo.sft_own_declines``: fine-tune LoRA adapters (PPO's shape) on the initial model's
+    own declines among round 0's pairs samples on the chosen criteria, for round 0's PPO to
+    start from. Skipped when done; with no decline to learn from, PPO starts fresh."""
+    from palate.sft import SFTConfig, sft
+    from palate.sft.config import SFTTrainSettings
+    from palate.training import OptimSettings
+
+    warm = run.cfg.ppo.sft_own_declines
+    assert warm is not None
+    out = warm_start_dir(run)
+    if RunDir(out).is_complete():
+        return RunDir(out).read_summary()
+    path = run.round_dir(0, "ppo") / "warm-start-declines.jsonl"
+    n, prompts = write_own_declines_to(
+        run,
+        0,
+        warm.criteria,
+        path,
+        "PPO warm start on own declines",
+        "PPO starts from fresh adapters",
+    )
+    if not n:
+        return {"warm_start_demos": 0}
+    ppo = run.cfg.ppo
+    cfg = SFTConfig(
+        model=run.policy,
+        data=str(path),
+        eval_fraction=0.0,
+        finetune="lora",
+        lora=ppo.lora,
+        optim=OptimSettings(lr=warm.lr, schedule="constant", warmup_ratio=0.0),
+        train=SFTTrainSettings(epochs=warm.epochs, batch_size=warm.batch_size),
+        save="adapter",
+        sample_prompts=0,
+        seed=run.cfg.seed,
+        precision=ppo.precision,
+        checkpoint_every=10_000,
+        output_dir=str(out),
+    )
+    summary = sft(cfg)
+    return {"warm_start_demos": n, "warm_start_prompts": prompts, **summary}
 
 
 def stage_ppo(run: Run, stop_after: int | None = None, r: int = 0) -> dict[str, Any]:
+    if r == 0 and run.cfg.ppo.sft_own_declines is not None:
+        warm_start(run)
     if run.cfg.ppo.prompt_shares:
         write_ppo_prompts(run, r)
     if run.cfg.ppo.ptx_own_declines is not None:
