@@ -26,6 +26,7 @@ from rich.table import Table
 
 from palate.config import Config, describe_config, load_config
 from palate.errors import PalateError
+from palate.eval.compare import EvalConfig, compare_policies
 from palate.feedback import CAIConfig, JudgeConfig, cai_revise, judge
 from palate.generate import GenerateConfig, generate
 from palate.label.campaign import (
@@ -42,7 +43,6 @@ from palate.label.campaign import (
 )
 from palate.pipeline import STAGES as RUN_STAGES
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
-from palate.policy_eval import EvalConfig, evaluate_policies
 from palate.ppo import PPOConfig, ppo
 from palate.reward import (
     RewardConfig,
@@ -276,7 +276,7 @@ stage(
     "Step 5: policies against a baseline - win rates by a reward model, a gold rubric, an AI "
     "judge or people (a labeling campaign), length-controlled win rates, KL, length, diversity, "
     "repetition, EOS and refusal rates; JSON + HTML report.",
-)(evaluate_policies)
+)(compare_policies)
 
 
 label_app = typer.Typer(

@@ -31,7 +31,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -80,6 +80,7 @@ class Message(_Record):
 
 
 Prompt = str | list[Message]
+Conversation = list[dict[str, str]]  # chat messages as plain dicts: [{"role": "user", ...}]
 
 
 def _check_prompt(v: Prompt) -> Prompt:
@@ -238,6 +239,19 @@ def prompt_text(prompt: Prompt | list[dict[str, Any]]) -> str:
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLE: dict[str, Literal["user", "assistant"]] = {"Human": "user", "Assistant": "assistant"}
+
+
+DEFAULT_CRITERION = "helpfulness"  # what a prompt tests when its metadata names nothing
+
+
+def criterion_of(metadata: Mapping[str, Any] | None) -> str:
+    """The criterion a record's metadata names (``metadata.criterion``), else the default."""
+    return (metadata or {}).get("criterion", DEFAULT_CRITERION)
+
+
+def criteria_by_prompt(records: Iterable[PromptRecord]) -> dict[str, str]:
+    """{prompt text (:func:`prompt_text`): criterion} of prompt records."""
+    return {prompt_text(r.prompt): criterion_of(r.metadata) for r in records}
 
 
 def prompt_json(prompt: Prompt) -> str | list[dict[str, Any]]:

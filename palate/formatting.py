@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from palate.data import Prompt, as_messages
+from palate.data import Conversation, Prompt, as_messages
 
 __all__ = ["PLAIN_TEMPLATE_ROLES", "pad_batch", "prompt_ids", "render_prompt", "response_ids"]
 
 PLAIN_TEMPLATE_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+def render_prompt(tokenizer: Any, prompt: Prompt | Conversation) -> str:
     """The prompt as the text the model sees, ending where the assistant's reply starts."""
     messages = as_messages(prompt)
     if getattr(tokenizer, "chat_template", None):
@@ -29,7 +29,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     return "\n\n".join(turns) + "\n\nAssistant:"
 
 
-def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: Prompt | Conversation) -> list[int]:
     """Token ids of the rendered prompt (BOS added only when the template does not add one)."""
     text = render_prompt(tokenizer, prompt)
     with_template = bool(getattr(tokenizer, "chat_template", None))

@@ -424,3 +424,19 @@ def load_model(
     if device is not None:
         model.to(device)
     return model, tok
+
+
+def load_merged(path: str | Path, base_spec: str | None = None) -> Any:
+    """The causal LM at ``path`` with any LoRA adapter merged in: a full model as it is, or an
+    adapter (``adapter_config.json``) applied to ``base_spec`` (default: the adapter's own base)
+    and merged into it. The one place palate merges a saved adapter for inference."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return load_model(str(path))[0]
+    if base_spec is None:
+        return load_model(str(path))[0].merge_and_unload()
+    # peft imports in ~1 s; only adapter loads need it
+    from peft import PeftModel
+
+    base, _ = load_model(base_spec)
+    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()

@@ -25,18 +25,18 @@ while the other alarms still warn.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
 from palate.config import Config
 from palate.data import Prompt
+from palate.text import distinct_n, repeated_trigrams
 
-__all__ = ["ALARMS", "Alarm", "Monitor", "MonitorSettings", "distinct_n", "repeated_trigrams"]
+__all__ = ["ALARMS", "Alarm", "Monitor", "MonitorSettings"]
 
 AlarmName = Literal[
     "reward_hacking",
@@ -46,9 +46,7 @@ AlarmName = Literal[
     "same_answer",
     "repetition",
 ]
-ALARMS: tuple[str, ...] = AlarmName.__args__  # type: ignore[attr-defined]
-
-_WORD = re.compile(r"\w+")
+ALARMS: tuple[str, ...] = get_args(AlarmName)
 
 
 class MonitorSettings(Config):
@@ -95,23 +93,6 @@ class Alarm:
     name: str
     update: int
     message: str
-
-
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def distinct_n(texts: Sequence[str], n: int = 2) -> float:
-    """Unique n-grams / n-grams over all texts (1.0 when there are none)."""
-    grams = [tuple(w[i : i + n]) for w in map(_words, texts) for i in range(len(w) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def repeated_trigrams(text: str) -> float:
-    """Share of a text's trigrams that repeat an earlier one."""
-    w = _words(text)
-    grams = [tuple(w[i : i + 3]) for i in range(len(w) - 2)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def _mean(xs: Sequence[float]) -> float:

@@ -17,6 +17,7 @@ see docs/metrics.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -29,7 +30,15 @@ from pydantic import BaseModel
 from palate.config import config_to_yaml
 from palate.data import atomic_write, read_jsonl
 
-__all__ = ["MetricsLogger", "RunDir"]
+__all__ = ["MetricsLogger", "RunDir", "fingerprint"]
+
+
+def fingerprint(value: Any) -> str:
+    """16 hex digits of SHA-256 over ``value`` as sorted-key JSON: what decides whether a
+    stage's (or a cached sample file's) settings changed."""
+    blob = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 _KEY = re.compile(r"^[a-z0-9_]+(/[A-Za-z0-9_.@-]+)+$")
 

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -22,9 +23,10 @@ from pydantic import Field
 
 from palate.compiling import eager_layers
 from palate.config import Config
-from palate.data import Prompt
+from palate.data import Conversation, Prompt
 from palate.formatting import pad_batch, prompt_ids
 from palate.lm import base_model
+from palate.models import load_merged, load_model
 
 __all__ = [
     "Generated",
@@ -64,7 +66,7 @@ class Generated:
 def generate_responses(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[Prompt | Conversation],
     sampling: SamplingConfig | None = None,
     *,
     batch_size: int = 8,
@@ -359,3 +361,16 @@ def _unwrap(model: Any) -> Any:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
+
+
+def load_sampler(spec: str, precision: str, device: Any = None) -> tuple[Any, Any]:
+    """(model, tokenizer) frozen for sampling (bf16 weights under bf16), on ``device`` (CPU by
+    default)."""
+    model, tok = load_model(spec, device=device)
+    return inference_model(model, precision), tok
+
+
+def checkpoint_policy(path: Path, base_spec: str, precision: str) -> Any:
+    """A PPO checkpoint's policy (``path/policy``: a LoRA adapter over ``base_spec`` or a full
+    model), merged and frozen for sampling."""
+    return inference_model(load_merged(path / "policy", base_spec), precision)

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from palate.monitors import Monitor, MonitorSettings, distinct_n, repeated_trigrams
+from palate.monitors import Monitor, MonitorSettings
+from palate.text import distinct_n, repeated_trigrams
 
 WORDS = [
     "river",

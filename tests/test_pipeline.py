@@ -358,8 +358,8 @@ def test_reward_stage_normalises_on_fresh_policy_samples_when_pairs_differ(
 ) -> None:
     """Pairs sampled differently from PPO: the reward stage samples the initial policy itself,
     on the training prompts, with PPO's sampling settings; a user's own choice wins."""
+    from palate.pipeline.recipes import reward_config
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import reward_config
 
     base = tiny_overrides(tmp_path / "r", hh_file)
     cfg = load_config(RunConfig, QUICKSTART, base)
@@ -426,7 +426,7 @@ def test_win_rates_by_criterion_split_the_held_out_prompts() -> None:
     (no reward model) gives no proxy columns."""
     from types import SimpleNamespace
 
-    from palate.pipeline.stages import criterion_win_rates
+    from palate.pipeline.stages.eval import criterion_win_rates
 
     crit = ["helpful", "harmless", "helpful", "harmless", "helpful"]
     new = SimpleNamespace(gold=[1.0, 2.0, 0.5, 3.0, 0.0], proxy=[0.0, 0.0, 0.0, 1.0, 1.0])
@@ -450,8 +450,9 @@ def test_one_reward_model_per_criterion_routes_ppo_and_the_proxy(
     on their own labels and normalised on the policy's samples of their own prompts; PPO and
     the evaluation's proxy score each prompt with its criterion's model."""
     from palate.data import prompt_text
+    from palate.pipeline.recipes import ppo_config
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import ppo_config, run_scorer
+    from palate.pipeline.stages.reward import run_scorer
     from palate.ppo.trainer import PPOTrainer
     from palate.reward import RoutedScorer, load_reward_model
 
@@ -528,8 +529,8 @@ def test_prompt_flags_give_matching_prompts_their_criterion_and_share(tmp_path: 
     criterion, in the training and the held-out split; with a ``share`` the training prompts
     are ordered so the flagged ones make up that share of every stretch (round 0's pairs
     prompts included) while they last; the gold rewards a refusal only on flagged prompts."""
+    from palate.eval.gold import gold_score
     from palate.pipeline.run import Run
-    from palate.simulate import gold_score
 
     rows = _topic_and_address_prompts(40, 10, "HOME ADDRESS")
     sets = [
@@ -604,8 +605,9 @@ def test_ptx_own_declines_are_the_runs_declines_on_chosen_criteria(tmp_path: Pat
     without repeats; PPO gets them at the given weight, and a round with none runs without
     ptx. Misconfigurations are refused naming the field."""
     from palate.errors import ConfigError
+    from palate.pipeline.recipes import own_declines_file, ppo_config
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import own_declines_file, ppo_config, write_own_declines
+    from palate.pipeline.stages.ppo import write_own_declines
 
     sets = [
         *_run_on_prompts(tmp_path, _topic_and_address_prompts(20, 10, "home address")),
@@ -685,8 +687,9 @@ def test_ppo_prompt_shares_and_decline_bonus(tmp_path: Path) -> None:
     reaches PPO's config; both must name the prompts' criteria, and at their defaults they
     leave the fingerprints of earlier runs alone."""
     from palate.errors import ConfigError
+    from palate.pipeline.recipes import ppo_config, ppo_prompts_file
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import ppo_config, ppo_prompts_file, write_ppo_prompts
+    from palate.pipeline.stages.ppo import write_ppo_prompts
 
     sets = [
         *_run_on_prompts(tmp_path, _topic_and_address_prompts(20, 10, "home address")),
@@ -805,8 +808,8 @@ def test_sft_own_declines_warm_starts_round_0s_ppo(tmp_path: Path, hh_file: Path
     from palate.data import Demonstration
     from palate.lm import response_cross_entropy
     from palate.models import load_model
+    from palate.pipeline.recipes import ppo_config, warm_start_dir
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import ppo_config, warm_start_dir
     from palate.sft.data import collate, tokenize_demonstration
 
     out = tmp_path / "run"

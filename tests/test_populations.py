@@ -111,10 +111,11 @@ def test_per_group_reward_models_learn_their_own_taste(tmp_path: Path) -> None:
     from sqlalchemy import select
 
     from palate.data import Comparison, write_jsonl
+    from palate.eval.gold import GoldRubric, gold_scorer
     from palate.label.db import Campaign, User, open_db
     from palate.label.store import PairIn, create_campaign, export_rows
+    from palate.raters.simulated import PanelConfig, label_with_panel
     from palate.reward import RewardConfig, load_reward_model, train_reward
-    from palate.simulate import GoldRubric, PanelConfig, gold_scorer, label_with_panel
 
     from .test_reward import WORDS
 

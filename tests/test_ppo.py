@@ -375,11 +375,11 @@ def test_decline_bonus_is_a_rule_reward_on_its_criterion(
     """``reward.decline_bonus`` (Rule Based Rewards, Mu et al. 2024): a response that declines,
     to a prompt of a listed criterion, earns the bonus on top of the reward model's score, and
     PPO learns it with a reward model that has no opinion. The tiny model cannot write a
-    decline, so palate.safety.declines (tested on its own in tests/test_safety.py) is replaced
+    decline, so palate.text.declines (tested on its own in tests/test_text.py) is replaced
     by "says 'bright'", a word it says about one reply in eight."""
-    import palate.safety
+    import palate.text
 
-    monkeypatch.setattr(palate.safety, "declines", lambda text: "bright" in text.lower())
+    monkeypatch.setattr(palate.text, "declines", lambda text: "bright" in text.lower())
     fn = "reward.function=tests.test_ppo:nothing"
     bonus = "reward.decline_bonus={helpfulness: 1.0}"
     ppo(make_cfg(tmp_path, sft_policy, fn, "ppo.updates=12", bonus))

@@ -58,7 +58,7 @@ def _rate(rate: float, n: int) -> dict[str, Any]:
 
 
 def _fit(alpha: float, beta: float, peak_d: float | None) -> dict[str, Any]:
-    """A fit as palate/pipeline/stages.py stores it (palate/overopt.py's fields)."""
+    """A fit as palate/pipeline/stages/eval.py stores it (palate/eval/overopt.py's fields)."""
     peak = None if peak_d is None else peak_d * (alpha - beta * math.log(peak_d))
     return {
         "alpha": alpha,

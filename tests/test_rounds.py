@@ -152,8 +152,8 @@ def test_later_rounds_continue_at_the_last_beta_or_at_a_fixed_one(tmp_path: Path
     with ppo.later_rounds_kl_coef, round 1 runs at that β, fixed, and round 0 (its settings
     and fingerprint) is untouched. Round 0's PPO folder is hand-built: a finished checkpoint
     and the summary's last β are all round 1 reads of it."""
+    from palate.pipeline.recipes import ppo_config
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import ppo_config
 
     done = tmp_path / "ppo" / "checkpoints" / "step-0000016"
     done.mkdir(parents=True)

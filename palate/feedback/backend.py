@@ -20,11 +20,10 @@ from typing import Any, Protocol
 
 import torch
 
+from palate.data import Conversation
 from palate.errors import ConfigError
 
 __all__ = ["Conversation", "JudgeBackend", "LocalBackend", "answer_token_ids"]
-
-Conversation = list[dict[str, str]]  # [{"role": "user", "content": ...}, ...]
 
 
 class JudgeBackend(Protocol):
@@ -91,7 +90,7 @@ class LocalBackend:
 
     @classmethod
     def load(cls, spec: str, *, precision: str = "auto", **kwargs: Any) -> LocalBackend:
-        from palate.evaluate import load_sampler
+        from palate.sampling import load_sampler
         from palate.training import resolve_precision
 
         precision = resolve_precision(precision)
@@ -101,7 +100,7 @@ class LocalBackend:
     def _ids(self, conversation: Conversation) -> list[int]:
         from palate.formatting import prompt_ids
 
-        ids = prompt_ids(self.tokenizer, conversation)  # type: ignore[arg-type]
+        ids = prompt_ids(self.tokenizer, conversation)
         # keep the end (the question and the answer slot) when a conversation is too long
         return ids[-self.max_tokens :]
 
@@ -139,7 +138,7 @@ class LocalBackend:
         gens = generate_responses(
             self.model,
             self.tokenizer,
-            list(conversations),  # type: ignore[arg-type]
+            list(conversations),
             sampling,
             batch_size=self.batch_size,
             precision=self.precision,

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from palate.data import atomic_write, write_jsonl
 from palate.errors import ConfigError
-from palate.evaluate import win_rate
+from palate.eval.stats import win_rate
 from palate.feedback.config import JudgeSettings
 from palate.feedback.judge import Judge, Verdict, load_judge
 

@@ -30,7 +30,6 @@ votes count for nothing.
 
 from __future__ import annotations
 
-import re
 import statistics
 import warnings
 from collections.abc import Collection, Sequence
@@ -43,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from palate.config import Config
 from palate.label.db import Assignment, Label, Pair, User
+from palate.text import word_count
 
 __all__ = [
     "LabelRow",
@@ -130,15 +130,6 @@ class RaterQuality:
         return dict(self.__dict__)
 
 
-_WORD = re.compile(r"\w+")
-
-
-def _words(value: Any) -> int:
-    if isinstance(value, list):  # chat messages
-        return sum(_words(m.get("content", "")) for m in value if isinstance(m, dict))
-    return len(_WORD.findall(str(value)))
-
-
 def label_rows(db: Session, campaign_ids: Collection[int]) -> list[LabelRow]:
     """Every label of these campaigns, with the order it was shown in and its reading load."""
     q = (
@@ -153,7 +144,9 @@ def label_rows(db: Session, campaign_ids: Collection[int]) -> list[LabelRow]:
     words: dict[int, int] = {}
     for lab, swapped, pair, name in db.execute(q).all():
         if pair.id not in words:
-            words[pair.id] = _words(pair.prompt) + _words(pair.response_a) + _words(pair.response_b)
+            words[pair.id] = (
+                word_count(pair.prompt) + word_count(pair.response_a) + word_count(pair.response_b)
+            )
         first = None
         if lab.answer in ("a", "b"):
             first = (lab.answer == "a") != bool(swapped)

@@ -12,7 +12,7 @@
 * **ppo**: the policy optimised against it on a KL leash (:mod:`palate.ppo`).
 * **eval**: on held-out prompts, the final policy against the initial one — gold win rate with a
   bootstrap 95% interval, proxy (reward-model) win rate, KL, lengths — and gold vs proxy along
-  PPO checkpoints and rollouts (:mod:`palate.evaluate`).
+  PPO checkpoints and rollouts (:mod:`palate.eval`).
 * **report**: one self-contained HTML file (:mod:`palate.report`).
 
 With ``rounds: K`` (iterated online RLHF) stages ``round-1`` … ``round-(K-1)`` run between ppo

@@ -14,15 +14,17 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from palate.config import Config
+from palate.data import DEFAULT_CRITERION
+from palate.eval.gold import GoldConfig
+from palate.eval.overopt import OveroptSettings
 from palate.feedback.config import JudgeSettings
-from palate.label.people import PeopleSettings
 from palate.label.quality import QualitySettings
-from palate.overopt import OveroptSettings
 from palate.ppo.config import PPORecipe, RewardShaping
+from palate.raters.people import PeopleSettings
+from palate.raters.simulated import PanelConfig
 from palate.reward.config import RewardRecipe
 from palate.sampling import SamplingConfig
 from palate.sft.config import SFTRecipe
-from palate.simulate import GoldConfig, PanelConfig
 
 __all__ = [
     "EvalSettings",
@@ -92,7 +94,7 @@ class PromptSettings(Config):
 
     file: str = Field(description="Prompts JSONL (any palate data file or HH-RLHF transcripts).")
     criterion: str = Field(
-        "helpfulness",
+        DEFAULT_CRITERION,
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="What the prompts of `file` test (see raters.routes).",
     )
@@ -314,17 +316,12 @@ class DeclinesWarmStart(Config):
     batch_size: int = Field(8, ge=1, description="Declines per optimiser step.")
 
 
-class RunPPO(PPORecipe):
-    """The PPO stage (``palate ppo`` fields; the policy, prompts, reward model and output
-    directory are the run's)."""
+class RunOnlyPPO(Config):
+    """PPO settings only ``palate run`` has: they prepare the PPO stage's inputs across rounds
+    (its prompts, PPO-ptx demonstrations, a warm-start adapter, the later rounds' β).
+    :func:`palate.pipeline.recipes.ppo_config` reads them and leaves them out of the plain
+    ``palate ppo`` config it builds."""
 
-    reward: RewardShaping = Field(
-        default_factory=RewardShaping, description="Reward shaping (the model is the run's)."
-    )
-    sample_every: int = Field(1, ge=1, description="Write rollouts every N updates.")
-    keep_checkpoints: int = Field(
-        100, ge=1, description="Checkpoints kept (evaluated along training by the eval stage)."
-    )
     later_rounds_kl_coef: float | None = Field(
         None,
         gt=0,
@@ -339,7 +336,7 @@ class RunPPO(PPORecipe):
         None,
         description="PPO-ptx on the run's own declines: the pairs samples (of this round and "
         "the ones before) on prompts of these criteria that refuse and say they cannot or will "
-        "not help, each cut after the first sentence that does (palate.safety.decline_opening), "
+        "not help, each cut after the first sentence that does (palate.text.decline_opening), "
         "are each round's ptx demonstrations. Keeps refusals that PPO would otherwise unlearn, "
         "in the model's own words; a round with none runs without ptx. Replaces ppo.ptx_data "
         "and ppo.ptx_coef. null: off.",
@@ -374,6 +371,19 @@ class RunPPO(PPORecipe):
         if sum(v.values()) >= 1:
             raise ValueError(f"the shares add up to {sum(v.values()):g}; they must stay under 1")
         return v
+
+
+class RunPPO(PPORecipe, RunOnlyPPO):
+    """The PPO stage (``palate ppo`` fields; the policy, prompts, reward model and output
+    directory are the run's)."""
+
+    reward: RewardShaping = Field(
+        default_factory=RewardShaping, description="Reward shaping (the model is the run's)."
+    )
+    sample_every: int = Field(1, ge=1, description="Write rollouts every N updates.")
+    keep_checkpoints: int = Field(
+        100, ge=1, description="Checkpoints kept (evaluated along training by the eval stage)."
+    )
 
     @model_validator(mode="after")
     def _own_declines(self) -> RunPPO:

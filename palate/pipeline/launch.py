@@ -18,12 +18,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from palate.config import load_config
 from palate.errors import ConfigError
-
-if TYPE_CHECKING:
-    from palate.pipeline.run import Run
+from palate.pipeline.config import RunConfig
+from palate.pipeline.recipes import ppo_config, reward_config, sft_config
+from palate.pipeline.run import Run
+from palate.ppo import ppo
+from palate.progress import console
+from palate.reward import train_reward
+from palate.rundir import RunDir
+from palate.sft import sft
 
 __all__ = ["launch_command", "launched", "main"]
 
@@ -57,7 +65,6 @@ def launched(run: Run, stage: str, r: int = 0, part: str | None = None) -> dict[
     settings = run.cfg.launch
     if not settings.active or stage not in settings.stages or inside_launch():
         return None
-    import torch
 
     out = Path(_stage_config(run, stage, r, part).output_dir)  # checked before launching
     cmd = launch_command(run, stage, r, part)
@@ -65,7 +72,6 @@ def launched(run: Run, stage: str, r: int = 0, part: str | None = None) -> dict[
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"  # gloo processes on the CPU
         env.setdefault("OMP_NUM_THREADS", "1")
-    from palate.progress import console
 
     n = settings.num_processes
     count = f"{n} processes" if n > 1 else f"the processes of {settings.config_file}"
@@ -76,7 +82,6 @@ def launched(run: Run, stage: str, r: int = 0, part: str | None = None) -> dict[
             f"stage {stage}: the launched processes failed (exit code {done.returncode}); the "
             f"stage is left partial and continues on the next run. Command: {' '.join(cmd)}"
         )
-    from palate.rundir import RunDir
 
     summary = RunDir(out).read_summary()
     if not summary:
@@ -85,14 +90,13 @@ def launched(run: Run, stage: str, r: int = 0, part: str | None = None) -> dict[
 
 
 def _stage_config(run: Run, stage: str, r: int, part: str | None) -> Any:
-    from palate.pipeline import stages
 
     if stage == "sft":
-        return stages.sft_config(run)
+        return sft_config(run)
     if stage == "reward":
-        return stages.reward_config(run, r, part)
+        return reward_config(run, r, part)
     if stage == "ppo":
-        return stages.ppo_config(run, r)
+        return ppo_config(run, r)
     raise ValueError(f"not a training stage: {stage!r}")
 
 
@@ -106,18 +110,13 @@ def run_here(
 ) -> dict[str, Any]:
     """The trainer call of a training stage, in this process (and, launched, in each);
     ``part``: one more reward model (``groups/<g>``, ``criteria/<c>``: see
-    :func:`palate.pipeline.stages.comparisons_file`); ``stop_after``: PPO stops after that
+    :func:`palate.pipeline.recipes.comparisons_file`); ``stop_after``: PPO stops after that
     update (the library's "as if interrupted")."""
     cfg = _stage_config(run, stage, r, part)
     if stage == "sft":
-        from palate.sft import sft
-
         return sft(cfg)
     if stage == "reward":
-        from palate.reward import train_reward
-
         return train_reward(cfg)
-    from palate.ppo import ppo
 
     # the gold watches for reward hacking during training (the policy never sees it)
     return ppo(cfg, stop_after=stop_after, gold_fn=run.gold())
@@ -126,9 +125,6 @@ def run_here(
 def main(argv: list[str] | None = None) -> None:
     """``python -m palate.pipeline.launch RUN/config.yaml STAGE ROUND [PART]`` (one process of
     a launch)."""
-    from palate.config import load_config
-    from palate.pipeline.config import RunConfig
-    from palate.pipeline.run import Run
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (3, 4):

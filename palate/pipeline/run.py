@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -12,24 +11,27 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from palate.data import Prompt, prompt_contents, prompt_json, prompt_text, read_records, write_jsonl
+from palate.data import (
+    Prompt,
+    criteria_by_prompt,
+    prompt_contents,
+    prompt_json,
+    prompt_text,
+    read_records,
+    write_jsonl,
+)
 from palate.errors import DataError
-from palate.label.people import PeopleSettings
+from palate.eval.gold import gold_scorer
+from palate.formatting import prompt_ids
+from palate.models import load_tokenizer
 from palate.pipeline.config import PromptFlag, RunConfig
-from palate.rundir import RunDir
+from palate.raters.people import PeopleSettings, WaitingForLabels
+from palate.rundir import RunDir, fingerprint
 from palate.training import resolve_precision
 
 __all__ = ["STAGES", "Run", "WaitingForLabels"]
 
 STAGES = ("sft", "pairs", "labels", "reward", "ppo", "eval", "report")
-
-
-class WaitingForLabels(Exception):
-    """The people campaign is not complete and ``raters.people.wait`` is false."""
-
-    def __init__(self, message: str, summary: dict[str, Any]):
-        super().__init__(message)
-        self.summary = summary
 
 
 # Fields added after runs existed, whose default keeps the old behaviour: left out of the
@@ -128,12 +130,8 @@ class Run:
         self.stages[i:i] = later
         prev = ""
         for stage in self.stages:
-            blob = json.dumps(
-                {"stage": stage, "settings": self._settings(stage), "up": prev},
-                sort_keys=True,
-                default=str,
-            )
-            prev = self.fingerprints[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+            settings = {"stage": stage, "settings": self._settings(stage), "up": prev}
+            prev = self.fingerprints[stage] = fingerprint(settings)
 
     def _settings(self, stage: str) -> Any:
         c = self.cfg
@@ -177,7 +175,6 @@ class Run:
     def gold(self, group: str | None = None) -> Any:
         """The gold preference as a ScoreFn, knowing each prompt's criterion (a rubric may reward
         refusals where refusing is right); ``group``: that rater group's gold."""
-        from palate.simulate import gold_scorer
 
         gold = self.cfg.gold
         for g in self.cfg.raters.groups:
@@ -193,8 +190,7 @@ class Run:
         for name in ("train.jsonl", "eval.jsonl"):
             path = self.root / "prompts" / name
             if path.is_file():
-                for rec in read_records(path, "prompts").records:
-                    criteria[prompt_text(rec.prompt)] = rec.metadata.get("criterion", "helpfulness")
+                criteria.update(criteria_by_prompt(read_records(path, "prompts").records))
         return criteria
 
     # ---------------------------------------------------------------- rounds
@@ -243,8 +239,6 @@ class Run:
         )
         if meta.is_file() and json.loads(meta.read_text()).get("key") == key:
             return train, held
-        from palate.formatting import prompt_ids
-        from palate.models import load_tokenizer
 
         tok = load_tokenizer(self.cfg.model) if cfg.max_tokens is not None else None
         seen: set[str] = set()

@@ -59,7 +59,7 @@ class RewardShaping(Config):
         default_factory=dict,
         description="A rule-based reward (Mu et al. 2024, Rule Based Rewards for Language Model "
         "Safety): {criterion: bonus} added to the score of a response that declines "
-        "(palate.safety.declines: refuses and says it cannot or will not help; an apology or "
+        "(palate.text.declines: refuses and says it cannot or will not help; an apology or "
         "sympathy alone does not) to a prompt of that criterion (its metadata.criterion in the "
         "prompts file; helpfulness when absent); a negative bonus is a penalty. In the score's "
         "units (a palate reward model's: one std of the initial policy's rewards); added before "

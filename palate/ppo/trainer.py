@@ -671,11 +671,11 @@ class PPOTrainer:
 
     def _rule_rewards(self, prompts: list[Prompt], texts: list[str]) -> torch.Tensor:
         """``reward.decline_bonus``: each response's rule-based reward, its prompt criterion's
-        bonus when it declines (:func:`palate.safety.declines`), else 0. ``(B,)``"""
+        bonus when it declines (:func:`palate.text.declines`), else 0. ``(B,)``"""
         bonus = self.cfg.reward.decline_bonus
         out = torch.zeros(len(texts), device=self.device)
         if bonus:
-            from palate.safety import declines
+            from palate.text import declines
 
             for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
                 b = bonus.get(self.criteria.get(prompt_text(p), "helpfulness"))

@@ -94,8 +94,7 @@ def _policy_samples(
     seed: int,
 ) -> tuple[list[Prompt], list[str]]:
     from palate.data import prompt_text
-    from palate.evaluate import load_sampler
-    from palate.sampling import generate_responses
+    from palate.sampling import generate_responses, load_sampler
 
     pool: list[Any]
     if settings.prompts:

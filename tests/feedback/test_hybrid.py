@@ -108,8 +108,8 @@ def test_routes_send_each_criterion_to_its_raters(tmp_path: Path, shared_data: P
     reward = json.loads((out / "reward" / "summary.json").read_text())
     from palate.config import load_config
     from palate.pipeline import RunConfig
+    from palate.pipeline.recipes import reward_config
     from palate.pipeline.run import Run
-    from palate.pipeline.stages import reward_config
     from palate.reward import train_reward
 
     cfg = load_config(RunConfig, QUICKSTART, [*sets, "reward.sources={ai: 0}"])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from palate.eval.gold import GoldRubric, gold_score
 from palate.label.db import Campaign, Pair, open_db
 from palate.label.quality import (
     LabelRow,
@@ -22,7 +23,7 @@ from palate.label.quality import (
 )
 from palate.label.stats import campaign_stats
 from palate.label.store import PairIn, create_campaign, export_rows
-from palate.simulate import GoldRubric, PanelConfig, gold_score, label_with_panel
+from palate.raters.simulated import PanelConfig, label_with_panel
 
 from .test_hardening import env  # noqa: F401, F811  (the app: admin, rita, otto, a campaign)
 

@@ -12,14 +12,13 @@ is then compared with the baseline prompt by prompt, by any of four judges:
   same).
 
 Per judge: the win rate (ties ½) with a bootstrap 95% interval and the length-controlled win
-rate (:func:`palate.evaluate.length_controlled_win_rate`). Per policy, judge-free: KL to the
+rate (:func:`palate.eval.stats.length_controlled_win_rate`). Per policy, judge-free: KL to the
 reference (the baseline by default), length, EOS rate, distinct-1/2, repeated trigrams, refusal
 rate. Writes ``summary.json``, ``report.html`` and ``samples/<policy>.jsonl``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -27,43 +26,32 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from palate.config import Config
 from palate.data import Prompt, atomic_write, prompt_json, read_jsonl, read_records, write_jsonl
 from palate.errors import ConfigError, DataError
-from palate.evaluate import (
-    PolicySamples,
-    checkpoint_policy,
-    evaluate_policy,
-    load_sampler,
-    pairwise_wins,
-    win_rates,
-)
+from palate.eval.gold import GoldConfig, gold_scorer
+from palate.eval.overopt import OveroptSettings, study
+from palate.eval.people import PeopleJudge, people_campaign
+from palate.eval.policies import PolicySamples, sample_and_score
+from palate.eval.stats import pairwise_wins, win_rates
 from palate.feedback.config import JudgeSettings
-from palate.monitors import distinct_n, repeated_trigrams
-from palate.overopt import OveroptSettings
+from palate.feedback.judge import load_judge
+from palate.models import load_tokenizer
+from palate.ppo import load_score_fn
+from palate.ppo.config import RewardSource
 from palate.progress import progress_bar
-from palate.rundir import RunDir
-from palate.safety import is_refusal
-from palate.sampling import SamplingConfig
-from palate.simulate import GoldConfig
+from palate.report import build_eval_report
+from palate.rundir import RunDir, fingerprint
+from palate.sampling import SamplingConfig, checkpoint_policy, load_sampler
+from palate.text import distinct_n, is_refusal, repeated_trigrams
 from palate.training import resolve_precision
 
-__all__ = ["EvalConfig", "PeopleJudge", "evaluate_policies", "resolve_policy"]
+__all__ = ["EvalConfig", "PeopleJudge", "compare_policies", "resolve_policy"]
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class PeopleJudge(Config):
-    """People judge policy-vs-baseline pairs in a palate labeling store."""
-
-    db: str = Field(description="Database URL of the labeling store (sqlite:///... or postgres).")
-    campaign: str | None = Field(
-        None, description="Campaign name (default: eval-<output directory name>)."
-    )
-    overlap: int = Field(1, ge=1, description="Raters per pair.")
-    guidelines: str | None = Field(None, description="Guidelines file (markdown) shown to raters.")
 
 
 class Judges(Config):
@@ -164,7 +152,6 @@ def resolve_policy(spec: str) -> tuple[str, str | None]:
         config = p.parent.parent / "config.yaml"
         if not config.is_file():
             raise ConfigError(f"{spec}: a LoRA checkpoint, but no PPO config at {config}")
-        import yaml
 
         base = (yaml.safe_load(config.read_text()) or {}).get("model")
         if not base:
@@ -178,17 +165,11 @@ def load_policy(spec: str, precision: str) -> tuple[Any, Any]:
     path, base = resolve_policy(spec)
     if base is None:
         return load_sampler(path, precision)
-    from palate.models import load_tokenizer
 
     return checkpoint_policy(Path(path), base, precision), load_tokenizer(base)
 
 
 # --------------------------------------------------------------------------- samples (cached)
-
-
-def _fingerprint(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def policy_samples(
@@ -204,13 +185,15 @@ def policy_samples(
     ``samples/<name>.jsonl`` when it was written with the same settings; else sampled now.
     Returns (samples, kl, reused)."""
     ref_spec = cfg.reference or cfg.baseline
-    fp = _fingerprint(
-        resolve_policy(spec),
-        [prompt_json(p) for p in prompts],
-        cfg.sampling.model_dump(),
-        cfg.seed,
-        cfg.precision,
-        None if reference is None else resolve_policy(ref_spec),
+    fp = fingerprint(
+        [
+            resolve_policy(spec),
+            [prompt_json(p) for p in prompts],
+            cfg.sampling.model_dump(),
+            cfg.seed,
+            cfg.precision,
+            None if reference is None else resolve_policy(ref_spec),
+        ]
     )
     path = Path(cfg.output_dir) / "samples" / f"{name}.jsonl"
     marker = path.with_suffix(".json")
@@ -229,7 +212,7 @@ def policy_samples(
     if reference is not None and reference_tok.get_vocab() != tok.get_vocab():
         raise ConfigError(f"policies.{name}: its tokenizer differs from the KL reference's")
     with progress_bar(f"sample {name}", total=len(prompts)) as bar:
-        scored = evaluate_policy(
+        scored = sample_and_score(
             model,
             tok,
             prompts,
@@ -282,76 +265,6 @@ def text_stats(samples: PolicySamples) -> dict[str, float]:
 # --------------------------------------------------------------------------- people
 
 
-def people_campaign(
-    cfg: EvalConfig,
-    prompts: list[Prompt],
-    base: PolicySamples,
-    policies: dict[str, PolicySamples],
-) -> tuple[str, dict[str, list[float | None]], dict[str, Any]]:
-    """Create (first run) or read back (later runs) the policy-vs-baseline campaign.
-    Returns (campaign name, per policy the per-prompt P(policy wins) or None while unlabelled,
-    campaign progress)."""
-    from sqlalchemy import select
-
-    from palate.label.db import Campaign, Label, Pair, open_db
-    from palate.label.store import PairIn, aggregate, create_campaign
-
-    people = cfg.judges.people
-    assert people is not None
-    name = people.campaign or f"eval-{Path(cfg.output_dir).resolve().name}"
-    pairs = [
-        PairIn(
-            prompt=prompt_json(p),
-            response_a=policies[pol].responses[i],
-            response_b=base.responses[i],
-            source_a=pol,
-            source_b="baseline",
-            meta={"policy": pol, "index": i},
-        )
-        for pol in policies
-        for i, p in enumerate(prompts)
-    ]
-    factory = open_db(people.db)
-    with factory() as db:
-        camp = db.scalar(select(Campaign).where(Campaign.name == name))
-        if camp is None:
-            guidelines = Path(people.guidelines).read_text() if people.guidelines else ""
-            camp = create_campaign(
-                db, name, pairs, overlap=people.overlap, guidelines=guidelines, source="palate eval"
-            )
-        stored = list(db.scalars(select(Pair).where(Pair.campaign_id == camp.id)))
-        keys = {(p.meta.get("policy"), p.meta.get("index")): p for p in stored}
-        missing = [p for p in pairs if (p.source_a, (p.meta or {})["index"]) not in keys]
-        changed = [
-            p
-            for p in pairs
-            if (k := keys.get((p.source_a, (p.meta or {})["index"]))) is not None
-            and (k.response_a, k.response_b) != (p.response_a, p.response_b)
-        ]
-        if missing or changed:
-            raise ConfigError(
-                f"judges.people: campaign {name!r} in {people.db} holds other pairs "
-                f"({len(missing)} missing, {len(changed)} with other answers): the policies, "
-                "prompts or sampling changed since it was created; name a new campaign"
-            )
-        votes: dict[int, list[Label]] = {}
-        for lab in db.scalars(
-            select(Label).join(Pair, Pair.id == Label.pair_id).where(Pair.campaign_id == camp.id)
-        ):
-            votes.setdefault(lab.pair_id, []).append(lab)
-        probs: dict[str, list[float | None]] = {pol: [None] * len(prompts) for pol in policies}
-        labelled = 0
-        for pair in stored:
-            labs = votes.get(pair.id, [])
-            agg = aggregate([x.answer for x in labs], [x.prob for x in labs]) if labs else None
-            if len(labs) >= camp.overlap and agg is not None and not agg["skip"]:
-                probs[pair.meta["policy"]][pair.meta["index"]] = float(agg["prob_a"])
-            if len(labs) >= camp.overlap:
-                labelled += 1
-        progress = {"campaign": name, "db": people.db, "pairs": len(stored), "labelled": labelled}
-    return name, probs, progress
-
-
 # --------------------------------------------------------------------------- over-optimisation
 
 
@@ -365,7 +278,6 @@ def overopt_study(
 ) -> dict[str, Any]:
     """Best-of-n on the baseline, and every policy as one point of the optimisation curve
     (its KL to the baseline; gold and reward-model means), fitted with Gao et al.'s forms."""
-    from palate.overopt import study
 
     assert cfg.overopt is not None
     means = {
@@ -385,13 +297,12 @@ def overopt_study(
     out = study(
         model,
         tok,
-        prompts[: cfg.overopt.prompts],
+        prompts,
         cfg.sampling,
         score_fns["gold"],
         score_fns["reward_model"],
         points,
-        samples=cfg.overopt.samples,
-        ns=cfg.overopt.ns,
+        cfg.overopt,
         seed=cfg.seed + 1,
         batch_size=cfg.batch_size,
         precision=precision,
@@ -403,11 +314,95 @@ def overopt_study(
 # --------------------------------------------------------------------------- the command
 
 
-def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
-    """Sample every policy and the baseline, judge each policy against the baseline, write
-    ``summary.json`` and ``report.html``; returns the summary."""
-    from palate.report import build_eval_report
+def judge_scores(
+    cfg: EvalConfig, prompts: list[Prompt], sides: dict[str, PolicySamples], precision: str
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, Any]]:
+    """The scoring judges (``reward_model``, ``gold``): judge → side → (N,) score, and the
+    score functions."""
+    score_fns: dict[str, Any] = {}
+    if cfg.judges.reward_model:
+        score_fns["reward_model"] = load_score_fn(
+            RewardSource(model=cfg.judges.reward_model), torch.device("cpu"), precision
+        )
+    if cfg.judges.gold:
+        score_fns["gold"] = gold_scorer(cfg.judges.gold)
+    scores = {
+        judge_name: {
+            side: [float(x) for x in fn(prompts, s.responses)] for side, s in sides.items()
+        }
+        for judge_name, fn in score_fns.items()
+    }
+    return scores, score_fns
 
+
+def ai_probs(
+    cfg: EvalConfig, prompts: list[Prompt], base: PolicySamples, samples: dict[str, PolicySamples]
+) -> dict[str, list[float]]:
+    """The AI judge's P(policy's answer wins over the baseline's), per policy and prompt."""
+    if not cfg.judges.ai:
+        return {}
+    judge = load_judge(cfg.judges.ai)
+    out = {}
+    for name, s in samples.items():
+        verdicts = judge.compare(
+            [(p, a, b) for p, a, b in zip(prompts, s.responses, base.responses, strict=True)]
+        )
+        out[name] = [v.prob_a for v in verdicts]
+    return out
+
+
+def policy_row(
+    cfg: EvalConfig,
+    name: str,
+    s: PolicySamples,
+    base: PolicySamples,
+    kl: list[float] | None,
+    scores: dict[str, dict[str, list[float]]],
+    ai: dict[str, list[float]],
+    people: dict[str, list[float | None]],
+) -> dict[str, Any]:
+    """One policy's summary: judge-free numbers, KL, and each judge's win rate over the
+    baseline."""
+    row: dict[str, Any] = {"spec": cfg.policies[name], **text_stats(s)}
+    if kl is not None:
+        row["kl"] = float(np.mean(kl))
+    res: dict[str, Any] = {}
+    for judge_name, sc in scores.items():
+        res[judge_name] = {
+            **win_rates(pairwise_wins(sc[name], sc["baseline"]), s.lengths, base.lengths, cfg.seed),
+            "mean": float(np.mean(sc[name])),
+            "baseline_mean": float(np.mean(sc["baseline"])),
+        }
+    if name in ai:
+        pr = np.asarray(ai[name])
+        res["ai"] = {
+            **win_rates(
+                pairwise_wins(pr, np.full_like(pr, 0.5)), s.lengths, base.lengths, cfg.seed
+            ),
+            "mean_prob": float(pr.mean()),
+        }
+    if cfg.judges.people:
+        got = [(i, x) for i, x in enumerate(people[name]) if x is not None]
+        idx = [i for i, _ in got]
+        pr = np.asarray([x for _, x in got])
+        res["people"] = {
+            **win_rates(
+                pairwise_wins(pr, np.full_like(pr, 0.5)),
+                [s.lengths[i] for i in idx],
+                [base.lengths[i] for i in idx],
+                cfg.seed,
+            ),
+            "labelled": len(got),
+            "complete": len(got) == len(s.responses),
+        }
+    row["judges"] = res
+    return row
+
+
+def compare_policies(cfg: EvalConfig) -> dict[str, Any]:
+    """``palate eval``: sample every policy and the baseline, judge each policy against the
+    baseline, write ``summary.json``, ``samples.jsonl`` and ``report.html``; returns the
+    summary."""
     run = RunDir(cfg.output_dir).create(cfg)
     records = read_records(cfg.prompts, "prompts").records
     prompts = [r.prompt for r in records][: cfg.max_prompts]
@@ -417,15 +412,9 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
     ref_spec = cfg.reference or cfg.baseline
     reference, ref_tok = load_policy(ref_spec, precision)
     loaded = {ref_spec: (reference, ref_tok)}  # the reference samples as itself (no reload)
-
+    base_ref = None if ref_spec == cfg.baseline else reference
     base, base_kl, _ = policy_samples(
-        cfg,
-        "baseline",
-        cfg.baseline,
-        prompts,
-        None if ref_spec == cfg.baseline else reference,
-        ref_tok,
-        loaded,
+        cfg, "baseline", cfg.baseline, prompts, base_ref, ref_tok, loaded
     )
     samples: dict[str, PolicySamples] = {}
     kls: dict[str, list[float] | None] = {}
@@ -436,41 +425,14 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
         )
         if again:
             reused.append(name)
-
-    judges = cfg.judges
-    scores: dict[str, dict[str, list[float]]] = {}  # judge → side → (N,) score
-    score_fns: dict[str, Any] = {}
-    if judges.reward_model:
-        from palate.ppo import load_score_fn
-        from palate.ppo.config import RewardSource
-
-        score_fns["reward_model"] = load_score_fn(
-            RewardSource(model=judges.reward_model), torch.device("cpu"), precision
-        )
-    if judges.gold:
-        from palate.simulate import gold_scorer
-
-        score_fns["gold"] = gold_scorer(judges.gold)
-    for judge_name, fn in score_fns.items():
-        scores[judge_name] = {
-            side: [float(x) for x in fn(prompts, s.responses)]
-            for side, s in {"baseline": base, **samples}.items()
-        }
-    ai_probs: dict[str, list[float]] = {}
-    if judges.ai:
-        from palate.feedback.judge import load_judge
-
-        judge = load_judge(judges.ai)
-        for name, s in samples.items():
-            verdicts = judge.compare(
-                [(p, a, b) for p, a, b in zip(prompts, s.responses, base.responses, strict=True)]
-            )
-            ai_probs[name] = [v.prob_a for v in verdicts]
-    people_probs: dict[str, list[float | None]] = {}
+    scores, score_fns = judge_scores(cfg, prompts, {"baseline": base, **samples}, precision)
+    ai = ai_probs(cfg, prompts, base, samples)
+    people: dict[str, list[float | None]] = {}
     people_progress: dict[str, Any] | None = None
-    if judges.people:
-        _, people_probs, people_progress = people_campaign(cfg, prompts, base, samples)
-
+    if cfg.judges.people:
+        _, people, people_progress = people_campaign(
+            cfg.judges.people, cfg.output_dir, prompts, base, samples
+        )
     summary: dict[str, Any] = {
         "stage": "eval",
         "prompts": len(prompts),
@@ -483,46 +445,7 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
     if base_kl is not None:
         summary["baseline"]["kl"] = float(np.mean(base_kl))
     for name, s in samples.items():
-        row: dict[str, Any] = {"spec": cfg.policies[name], **text_stats(s)}
-        kl = kls[name]
-        if kl is not None:
-            row["kl"] = float(np.mean(kl))
-        res: dict[str, Any] = {}
-        for judge_name, sc in scores.items():
-            res[judge_name] = {
-                **win_rates(
-                    pairwise_wins(sc[name], sc["baseline"]),
-                    s.lengths,
-                    base.lengths,
-                    cfg.seed,
-                ),
-                "mean": float(np.mean(sc[name])),
-                "baseline_mean": float(np.mean(sc["baseline"])),
-            }
-        if name in ai_probs:
-            pr = np.asarray(ai_probs[name])
-            res["ai"] = {
-                **win_rates(
-                    pairwise_wins(pr, np.full_like(pr, 0.5)), s.lengths, base.lengths, cfg.seed
-                ),
-                "mean_prob": float(pr.mean()),
-            }
-        if judges.people:
-            got = [(i, x) for i, x in enumerate(people_probs[name]) if x is not None]
-            idx = [i for i, _ in got]
-            pr = np.asarray([x for _, x in got])
-            res["people"] = {
-                **win_rates(
-                    pairwise_wins(pr, np.full_like(pr, 0.5)),
-                    [s.lengths[i] for i in idx],
-                    [base.lengths[i] for i in idx],
-                    cfg.seed,
-                ),
-                "labelled": len(got),
-                "complete": len(got) == len(prompts),
-            }
-        row["judges"] = res
-        summary["policies"][name] = row
+        summary["policies"][name] = policy_row(cfg, name, s, base, kls[name], scores, ai, people)
     if people_progress is not None:
         summary["people"] = people_progress
     if cfg.overopt is not None:
@@ -530,24 +453,7 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
         summary["overopt"] = overopt_study(
             cfg, prompts, scores, kls, score_fns, loaded.get(cfg.baseline)
         )
-
-    write_jsonl(
-        run.path / "samples.jsonl",
-        [
-            {
-                "prompt": prompt_json(p),
-                "baseline": base.responses[i],
-                **{name: s.responses[i] for name, s in samples.items()},
-                **{
-                    f"{j}_{side}": sc[side][i]
-                    for j, sc in scores.items()
-                    for side in ("baseline", *samples)
-                },
-                **{f"ai_{name}": ai_probs[name][i] for name in ai_probs},
-            }
-            for i, p in enumerate(prompts)
-        ],
-    )
+    write_samples(run.path / "samples.jsonl", prompts, base, samples, scores, ai)
     lengths = {"baseline": base.lengths, **{n: s.lengths for n, s in samples.items()}}
     report = build_eval_report(
         run.path / "report.html",
@@ -559,3 +465,31 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
     summary["report"] = str(report)
     run.write_summary(summary)
     return summary
+
+
+def write_samples(
+    path: Path,
+    prompts: list[Prompt],
+    base: PolicySamples,
+    samples: dict[str, PolicySamples],
+    scores: dict[str, dict[str, list[float]]],
+    ai: dict[str, list[float]],
+) -> None:
+    """samples.jsonl: per prompt, every policy's answer and every judge's score."""
+    write_jsonl(
+        path,
+        [
+            {
+                "prompt": prompt_json(p),
+                "baseline": base.responses[i],
+                **{name: s.responses[i] for name, s in samples.items()},
+                **{
+                    f"{j}_{side}": sc[side][i]
+                    for j, sc in scores.items()
+                    for side in ("baseline", *samples)
+                },
+                **{f"ai_{name}": ai[name][i] for name in ai},
+            }
+            for i, p in enumerate(prompts)
+        ],
+    )

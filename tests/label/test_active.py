@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from palate.active import preference_probs, select_pairs
+from palate.label.active import preference_probs, select_pairs
 
 
 def test_preference_probs_is_bradley_terry() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from palate.sycophancy import (
+from palate.eval.sycophancy import (
     LETTERS,
     ABItem,
     MCItem,

@@ -1,10 +1,9 @@
-"""Simulated raters: a *gold* preference you can read, and a noisy panel that labels with it.
+"""The *gold* preference: a rubric you can read (or a named reward model in its place).
 
 As AlpacaFarm did for cheap, reproducible RLHF experiments: the gold scoring function is a
-rubric of measurable text features, and each simulated rater picks a response with
-Bradley-Terry noise, ``P(A) = σ((g(A) − g(B) + bias_r(A, B)) / temperature)``. They label through
-the same store (:mod:`palate.label.store`) as people, so agreement statistics work for them too.
-The gold function is for evaluation; the reward model only ever sees the panel's labels.
+rubric of measurable text features. The simulated raters (:mod:`palate.raters.simulated`) label
+with it, under Bradley-Terry noise; evaluation judges policies by it. The reward model only ever
+sees the raters' labels.
 
 The rubric cannot be satisfied by degenerate output: empty responses, responses cut off
 mid-sentence, repetitive ones, ones that ignore the prompt and ones that parrot it back all
@@ -14,8 +13,6 @@ score low (tested).
 from __future__ import annotations
 
 import math
-import random
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,21 +20,19 @@ from pydantic import Field
 
 from palate.config import Config
 from palate.data import Prompt, prompt_contents, prompt_text
+from palate.reward import load_reward_model
 from palate.reward.model import ScoreFn
-from palate.safety import is_refusal
+from palate.text import is_refusal, letter_words
 
 __all__ = [
     "GoldConfig",
     "GoldRubric",
-    "PanelConfig",
     "gold_features",
     "gold_score",
     "gold_scorer",
-    "label_with_panel",
 ]
 
 
-_WORD = re.compile(r"[A-Za-z']+")
 _STOP = {
     "the",
     "a",
@@ -104,10 +99,6 @@ class GoldRubric(Config):
     empty_score: float = Field(-5.0, description="Score of an empty response.")
 
 
-def _words(text: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(text)]
-
-
 _VADER: Any = None
 
 
@@ -122,11 +113,11 @@ def _sentiment(text: str) -> float:
 
 def gold_features(prompt: Prompt, response: str, rubric: GoldRubric) -> dict[str, float]:
     """Each feature of the rubric for one response (for reports and debugging)."""
-    words = _words(response)
+    words = letter_words(response)
     n = len(words)
     trigrams = [tuple(words[i : i + 3]) for i in range(max(0, n - 2))]
     repeated = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
-    p_words = _words(prompt_contents(prompt))
+    p_words = letter_words(prompt_contents(prompt))
     p_trigrams = {tuple(p_words[i : i + 3]) for i in range(max(0, len(p_words) - 2))}
     echo = sum(t in p_trigrams for t in trigrams) / len(trigrams) if trigrams else 0.0
     content_p = {w for w in p_words if w not in _STOP and len(w) > 2}
@@ -168,50 +159,6 @@ def gold_score(
     )
 
 
-class PanelConfig(Config):
-    """A panel of simulated raters."""
-
-    raters: int = Field(3, ge=1, description="How many simulated raters.")
-    temperature: float = Field(
-        0.3, gt=0, description="Bradley-Terry noise: P(A) = σ((g_A − g_B + bias) / temperature)."
-    )
-    length_bias: float = Field(
-        0.0, description="Spread of per-rater bias per 10 words of length difference (σ)."
-    )
-    length_bias_mean: float = Field(
-        0.0,
-        description="A bias per 10 words of length difference that every rater shares (added "
-        "to each rater's own): > 0 the panel likes longer answers, < 0 shorter ones, whatever "
-        "the gold says — a taste the reward model learns and PPO can exploit.",
-    )
-    tie_band: float = Field(
-        0.0, ge=0, description="Answer 'tie' when |g_A − g_B| is below this (and ties allowed)."
-    )
-    seed: int = Field(0, description="Seed of the raters' biases and choices.")
-    random_raters: int = Field(
-        0,
-        ge=0,
-        description="Extra raters who click at random, fast (`sim-random-N`): what rater-quality "
-        "checks must catch.",
-    )
-    first_raters: int = Field(
-        0,
-        ge=0,
-        description="Extra raters who always pick the response shown first, fast (`sim-first-N`).",
-    )
-    words_per_second: float = Field(
-        4.0,
-        gt=0,
-        description="Reading speed of the careful raters: each label's recorded time is the "
-        "words of prompt and both responses at this speed, times a log-normal factor (σ 0.3); "
-        "the random and first-side raters take 1-3 s.",
-    )
-    attributes: dict[str, str] = Field(
-        default_factory=dict,
-        description="Attributes every rater of this panel carries (e.g. {group: north}).",
-    )
-
-
 class GoldConfig(Config):
     """The gold preference: the rubric, or a named reward model scoring in its place."""
 
@@ -244,8 +191,6 @@ def gold_scorer(
     ``criteria``: each prompt's criterion by its text (:func:`palate.data.prompt_text`), for a
     rubric with ``refusal_right``."""
     if isinstance(gold, GoldConfig) and gold.reward_model:
-        from palate.reward import load_reward_model
-
         rm = load_reward_model(gold.reward_model)
 
         def rm_score(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
@@ -264,100 +209,3 @@ def gold_scorer(
         return out
 
     return score
-
-
-def choose(
-    g_a: float, g_b: float, len_diff: float, bias: float, cfg: PanelConfig, rng: random.Random
-) -> str:
-    """One simulated rater's answer for scores g_a, g_b (``a``, ``b`` or ``tie``)."""
-    if cfg.tie_band and abs(g_a - g_b) < cfg.tie_band:
-        return "tie"
-    z = (g_a - g_b + bias * len_diff / 10) / cfg.temperature
-    p_a = 1 / (1 + math.exp(-max(-50.0, min(50.0, z))))
-    return "a" if rng.random() < p_a else "b"
-
-
-def label_with_panel(
-    db_url: str,
-    campaign: str,
-    cfg: PanelConfig,
-    gold: ScoreFn | None = None,
-    prefix: str = "sim",
-) -> dict[str, Any]:
-    """Label ``campaign`` with a simulated panel through the labeling store (same assignment
-    path as people); raters are created as users ``sim-0`` … (``prefix``-0 …) if missing, then
-    ``sim-random-0`` … and ``sim-first-0`` … for the spammers the config asks for. ``gold``
-    scores responses (default: the default :class:`GoldRubric`). Each label records a simulated
-    time (:attr:`PanelConfig.words_per_second`)."""
-    from sqlalchemy import select
-
-    from palate.errors import ConfigError
-    from palate.label.db import Campaign, Pair, User, open_db
-    from palate.label.quality import _words as words_read
-    from palate.label.store import (
-        LabelIn,
-        create_user,
-        flip,
-        next_assignment,
-        set_attributes,
-        submit_label,
-    )
-
-    gold = gold or gold_scorer()
-    rng = random.Random(cfg.seed)
-    clock = random.Random(cfg.seed + 1_000_003)  # times: not drawn from the choices' stream
-    factory = open_db(db_url)
-    n = 0
-    with factory() as db:
-        camp = db.scalar(select(Campaign).where(Campaign.name == campaign))
-        if camp is None:
-            raise ConfigError(f"{db_url}: no campaign named {campaign!r}")
-        pairs = list(db.scalars(select(Pair).where(Pair.campaign_id == camp.id)))
-        g_a = gold([p.prompt for p in pairs], [p.response_a for p in pairs])
-        g_b = gold([p.prompt for p in pairs], [p.response_b for p in pairs])
-        scored = {
-            p.id: (float(a), float(b), len(_words(p.response_a)) - len(_words(p.response_b)))
-            for p, a, b in zip(pairs, g_a, g_b, strict=True)
-        }
-        load = {
-            p.id: words_read(p.prompt) + words_read(p.response_a) + words_read(p.response_b)
-            for p in pairs
-        }
-
-        def user(name: str) -> User:
-            u = db.scalar(select(User).where(User.name == name))
-            if u is None:
-                u = create_user(db, name, kind="simulated", attributes=cfg.attributes)[0]
-            elif cfg.attributes and (u.attributes or {}) != cfg.attributes:
-                set_attributes(db, u, cfg.attributes)
-            return u
-
-        # (user, length bias, behaviour): careful raters first, then the spammers
-        raters: list[tuple[User, float, str]] = []
-        for i in range(cfg.raters):
-            own = rng.gauss(0.0, cfg.length_bias) if cfg.length_bias else 0.0
-            raters.append((user(f"{prefix}-{i}"), cfg.length_bias_mean + own, "careful"))
-        raters += [(user(f"{prefix}-random-{i}"), 0.0, "random") for i in range(cfg.random_raters)]
-        raters += [(user(f"{prefix}-first-{i}"), 0.0, "first") for i in range(cfg.first_raters)]
-        active = list(raters)
-        while active:
-            for rater in list(active):
-                u, bias, behaviour = rater
-                a = next_assignment(db, camp, u, rng)
-                if a is None:
-                    active.remove(rater)
-                    continue
-                ga, gb, dlen = scored[a.pair_id]
-                if behaviour == "careful":
-                    ans = choose(ga, gb, dlen, bias, cfg, rng)
-                    if ans == "tie" and "tie" not in camp.answers:
-                        ans = "a" if ga >= gb else "b"
-                    shown = flip(ans, a.swapped)
-                    seconds = load[a.pair_id] / cfg.words_per_second
-                    seconds *= math.exp(clock.gauss(0.0, 0.3))
-                else:
-                    shown = "a" if behaviour == "first" else rng.choice("ab")
-                    seconds = clock.uniform(1.0, 3.0)
-                submit_label(db, a, u, LabelIn(answer=shown, seconds=round(seconds, 2)))
-                n += 1
-    return {"campaign": campaign, "labels": n, "raters": len(raters)}

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,12 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from palate.config import Config
 from palate.errors import ConfigError
-from palate.label.db import Campaign, User
+from palate.label.db import Campaign, User, open_db
 from palate.label.store import create_user, invite_status, issue_invite, progress
 from palate.progress import console, progress_bar
 
 __all__ = [
+    "PeopleRaters",
     "PeopleSettings",
+    "WaitingForLabels",
     "announce",
     "campaign_progress",
     "ensure_accounts",
@@ -148,3 +151,49 @@ def serve_until_complete(
         server.should_exit = True
         thread.join(timeout=10)
         serving_file.unlink(missing_ok=True)
+
+
+class WaitingForLabels(Exception):
+    """The people campaign is not complete and ``raters.people.wait`` is false."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass
+class PeopleRaters:
+    """People label the campaign in the app: their accounts are made (links and API tokens in
+    ``folder/raters.json``), then the app is served in-process until every label is in
+    (``settings.wait``), or :class:`WaitingForLabels` says how to serve it and come back."""
+
+    settings: PeopleSettings
+    folder: Path  # raters.json (accounts) and serving.json (the URL while serving)
+
+    def label(self, db_url: str, campaign: str) -> dict[str, Any]:
+        factory = open_db(db_url)
+        with factory() as db:
+            camp = db.scalar(select(Campaign).where(Campaign.name == campaign))
+            if camp is None:
+                raise ConfigError(f"{db_url}: no campaign named {campaign!r}")
+            cid = camp.id
+        accounts_file = self.folder / "raters.json"
+        accounts = ensure_accounts(factory, accounts_file, self.settings, cid)
+        got = campaign_progress(factory, cid)
+        if got["labels"] >= got["target"]:
+            return {"campaign": campaign, **got}
+
+        def show(url: str) -> None:
+            announce(url, campaign, cid, accounts, accounts_file)
+
+        if not self.settings.wait:
+            show(self.settings.url())
+            raise WaitingForLabels(
+                f"campaign {campaign!r}: {got['labels']}/{got['target']} "
+                f"labels. Serve it with `palate serve --db {db_url}`, then run the same "
+                "command again.",
+                {"stage": "labels", "status": "waiting_for_labels", **got},
+            )
+        serving = self.folder / "serving.json"
+        serve_until_complete(db_url, factory, cid, self.settings, serving_file=serving, on_url=show)
+        return {"campaign": campaign, **campaign_progress(factory, cid)}

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from palate.evaluate import length_controlled_win_rate
-from palate.overopt import bon_kl, fit_bon, fit_rl
+from palate.eval.overopt import bon_kl, fit_bon, fit_rl
+from palate.eval.stats import length_controlled_win_rate
 
 
 def test_best_of_n_kl_hand_computed() -> None:
@@ -76,7 +76,7 @@ def test_length_controlled_win_rate_keeps_a_real_advantage() -> None:
 
 
 def test_best_of_n_curve_hand_computed() -> None:
-    from palate.overopt import best_of_n_curve, bon_kl_sampled
+    from palate.eval.overopt import best_of_n_curve, bon_kl_sampled
 
     # one prompt, 3 samples: proxy ranks them c < a < b; gold of a, b, c = 1, 0, 2
     proxy = [[0.5, 0.9, 0.1]]

@@ -21,9 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from pydantic import Field, model_validator
+from scipy.special import comb
 
 from palate.config import Config
+from palate.progress import progress_bar
+from palate.sampling import generate_responses
 
 if TYPE_CHECKING:
     from palate.data import Prompt
@@ -43,7 +47,7 @@ __all__ = [
 
 
 class OveroptSettings(Config):
-    """Over-optimisation study (``palate/overopt.py``): best-of-n on the initial policy's
+    """Over-optimisation study (:func:`palate.eval.overopt.study`): best-of-n on the initial policy's
     samples and PPO's checkpoints, gold and proxy against √KL, with Gao et al.'s fits."""
 
     prompts: int = Field(16, ge=1, description="Held-out prompts sampled for best-of-n.")
@@ -136,7 +140,6 @@ def fit_rl(d: Sequence[float], gain: Sequence[float]) -> Fit:
 def _rank_weights(n_samples: int, n: int) -> np.ndarray:
     """P(the best of n draws without replacement from N is the i-th smallest), i = 1..N:
     C(i−1, n−1) / C(N, n)."""
-    from scipy.special import comb
 
     i = np.arange(1, n_samples + 1)
     return comb(i - 1, n - 1) / comb(n_samples, n)
@@ -195,22 +198,19 @@ def study(
     gold: ScoreFn,
     proxy: ScoreFn,
     points: Sequence[dict[str, Any]],
+    settings: OveroptSettings,
     *,
-    samples: int = 64,
-    ns: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     seed: int = 1,
     batch_size: int = 16,
     precision: str = "fp32",
 ) -> dict[str, Any]:
-    """The over-optimisation study: best-of-n (chosen by ``proxy``) on ``samples`` answers of
-    the initial policy per prompt, and ``points`` — policies optimised further ({kl, gold,
-    proxy}, the first being the initial policy at KL 0) — as gold and proxy gains against
-    d = √KL, each fitted with Gao et al.'s form. Returns {bon, rl, fits, bon_gold_best_n,
-    prompts, samples}."""
-    import torch
-
-    from palate.progress import progress_bar
-    from palate.sampling import generate_responses
+    """The over-optimisation study: best-of-n (chosen by ``proxy``) on ``settings.samples``
+    answers of the initial policy to each of the first ``settings.prompts`` prompts, and
+    ``points`` — policies optimised further ({kl, gold, proxy}, the first being the initial
+    policy at KL 0) — as gold and proxy gains against d = √KL, each fitted with Gao et al.'s
+    form. Returns {bon, rl, fits, bon_gold_best_n, prompts, samples}. ``palate run`` passes
+    its PPO checkpoints as points, ``palate eval`` its policies."""
+    prompts, samples, ns = prompts[: settings.prompts], settings.samples, settings.ns
 
     each = [p for p in prompts for _ in range(samples)]
     torch.manual_seed(seed)

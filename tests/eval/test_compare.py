@@ -16,11 +16,10 @@ from typer.testing import CliRunner
 
 from palate.cli import app
 from palate.errors import ConfigError
-from palate.evaluate import PolicySamples
-from palate.policy_eval import EvalConfig, evaluate_policies, resolve_policy, text_stats
+from palate.eval.compare import EvalConfig, compare_policies, resolve_policy, text_stats
+from palate.eval.policies import PolicySamples
 from palate.report import EVAL_PLOTS
-
-from .browser import render_report
+from tests.browser import render_report
 
 
 def test_resolve_policy_forms(tmp_path: Path) -> None:
@@ -91,8 +90,8 @@ def test_eval_rm_gold_and_people(tmp_path: Path, hh_file: Path, models: dict[str
     from sqlalchemy import select
 
     from palate.label.db import Label, Pair, open_db
+    from palate.raters.simulated import PanelConfig, label_with_panel
     from palate.reward.model import load_reward_model
-    from palate.simulate import PanelConfig, label_with_panel
 
     out, db = tmp_path / "eval", f"sqlite:///{tmp_path / 'labels.db'}"
     sets = [
@@ -157,7 +156,7 @@ def test_eval_rm_gold_and_people(tmp_path: Path, hh_file: Path, models: dict[str
             "batch_size": 4,
         }
     )
-    second = evaluate_policies(cfg)
+    second = compare_policies(cfg)
     assert sorted(second["reused_samples"]) == ["other", "same"]
     assert second["policies"]["other"]["judges"]["reward_model"] == r
     ppl = second["policies"]["other"]["judges"]["people"]
@@ -190,7 +189,7 @@ def test_eval_rm_gold_and_people(tmp_path: Path, hh_file: Path, models: dict[str
     # a changed policy set cannot reuse the campaign: one clear error naming it
     cfg2 = cfg.model_copy(update={"policies": {"other": "tiny", "same": "tiny"}})
     with pytest.raises(ConfigError, match="holds other pairs"):
-        evaluate_policies(cfg2)
+        compare_policies(cfg2)
 
 
 def test_eval_with_the_ai_judge(tmp_path: Path, hh_file: Path, models: dict[str, Path]) -> None:
@@ -211,7 +210,7 @@ def test_eval_with_the_ai_judge(tmp_path: Path, hh_file: Path, models: dict[str,
             "sampling": {"max_new_tokens": 8},
         }
     )
-    res = evaluate_policies(cfg)["policies"]["other"]["judges"]["ai"]
+    res = compare_policies(cfg)["policies"]["other"]["judges"]["ai"]
     rows = {
         n: [
             json.loads(x)
@@ -236,7 +235,7 @@ def test_eval_with_the_ai_judge(tmp_path: Path, hh_file: Path, models: dict[str,
 def test_eval_overopt_study(tmp_path: Path, hh_file: Path, models: dict[str, Path]) -> None:
     """Best-of-n on the baseline and each policy as a point at its own KL, in the summary and
     the report; overopt without a proxy and a gold is a config error."""
-    from palate.overopt import bon_kl
+    from palate.eval.overopt import bon_kl
 
     base = {
         "output_dir": str(tmp_path / "eval"),
@@ -252,7 +251,7 @@ def test_eval_overopt_study(tmp_path: Path, hh_file: Path, models: dict[str, Pat
     cfg = EvalConfig.model_validate(
         {**base, "judges": {"gold": {}, "reward_model": str(models["rm"])}}
     )
-    s = evaluate_policies(cfg)
+    s = compare_policies(cfg)
     o = s["overopt"]
     assert [r["n"] for r in o["bon"]] == [1, 2, 4]
     assert [r["kl"] for r in o["bon"]] == [pytest.approx(bon_kl(n)) for n in (1, 2, 4)]
