@@ -1,5 +1,6 @@
 """The run report's sections as plain data for ``templates/run.html``: each function takes what a
 stage wrote (summaries, ``quality.json``, round rows) and returns the rows a table shows.
+``overopt`` and ``prompt_text`` serve ``palate eval``'s report too (``evaluation.py``).
 
 Values stay raw (the templates format them with ``fmt`` and escape them); a section with nothing
 to show returns an empty list or ``None`` and the template leaves it out.
