@@ -19,7 +19,7 @@ import pytest
 from palate.monitors import Alarm
 from palate.report import OPTIONAL_PLOTS, PLOTS, build_report
 
-from .browser import need_browser, render_report
+from ..browser import need_browser, render_report
 
 
 def _sycophancy(shift: float) -> dict[str, Any]:
