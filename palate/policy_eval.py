@@ -41,8 +41,8 @@ from palate.evaluate import (
     win_rates,
 )
 from palate.feedback.config import JudgeSettings
-from palate.monitors import distinct_n, repeated_trigrams
 from palate.overopt import OveroptSettings
+from palate.ppo.monitors import distinct_n, repeated_trigrams
 from palate.progress import progress_bar
 from palate.rundir import RunDir
 from palate.safety import is_refusal
@@ -441,8 +441,8 @@ def evaluate_policies(cfg: EvalConfig) -> dict[str, Any]:
     scores: dict[str, dict[str, list[float]]] = {}  # judge → side → (N,) score
     score_fns: dict[str, Any] = {}
     if judges.reward_model:
-        from palate.ppo import load_score_fn
         from palate.ppo.config import RewardSource
+        from palate.reward.scoring import load_score_fn
 
         score_fns["reward_model"] = load_score_fn(
             RewardSource(model=judges.reward_model), torch.device("cpu"), precision

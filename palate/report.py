@@ -501,7 +501,7 @@ def _rounds(rounds: Sequence[dict[str, Any]]) -> str:
 
 
 def _alarms(alarms: Sequence[dict[str, Any]]) -> str:
-    """The monitors' alarms during PPO (palate/monitors.py), first firing of each."""
+    """The monitors' alarms during PPO (palate/ppo/monitors.py), first firing of each."""
     if not alarms:
         return '<p class="muted" id="alarms">Monitors: no alarm during training.</p>'
     rows = "".join(

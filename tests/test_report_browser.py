@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from palate.monitors import Alarm
+from palate.ppo.monitors import Alarm
 from palate.report import OPTIONAL_PLOTS, PLOTS, build_report
 
 from .browser import need_browser, render_report

@@ -429,8 +429,8 @@ def run_scorer(run: Run, r: int, precision: str) -> Any:
     ``reward.per_criterion`` each prompt's criterion's model (the pooled one for the rest)."""
     import torch
 
-    from palate.ppo import load_score_fn
     from palate.reward.routed import reward_models
+    from palate.reward.scoring import load_score_fn
     from palate.training import store_frozen_linears
 
     source = RewardSource(
@@ -1017,7 +1017,7 @@ def group_eval(
     import torch
 
     from palate.evaluate import order_agreement, pairwise_wins, win_rates
-    from palate.ppo import load_score_fn
+    from palate.reward.scoring import load_score_fn
 
     prompts_new, prompts_old = new.samples.prompts, old.samples.prompts
     out: dict[str, Any] = {"win_rates": {}, "reward_agreement": {}}

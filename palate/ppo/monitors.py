@@ -29,7 +29,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field
 
@@ -46,7 +46,7 @@ AlarmName = Literal[
     "same_answer",
     "repetition",
 ]
-ALARMS: tuple[str, ...] = AlarmName.__args__  # type: ignore[attr-defined]
+ALARMS: tuple[str, ...] = get_args(AlarmName)
 
 _WORD = re.compile(r"\w+")
 
