@@ -21,6 +21,7 @@ half-written and concurrent processes are safe.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -28,20 +29,24 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palate.errors import ModelLoadError
+from palate.errors import ConfigError, ModelLoadError
 
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
+    "adapters_disabled",
+    "apply_adapter",
     "cache_dir",
     "ensure_pad_token",
     "load_model",
     "load_tokenizer",
+    "merged_policy",
     "resolve_model",
     "tiny_causal_lm",
 ]
@@ -402,15 +407,13 @@ def load_model(
     adapter = Path(path) / "adapter_config.json"
     if adapter.is_file():
         # A LoRA adapter saved by palate: load its base model, then apply the adapter.
-        from peft import PeftModel
-
         base_spec = json.loads(adapter.read_text()).get("base_model_name_or_path")
         if not base_spec:
             raise ModelLoadError(f"{adapter}: no base_model_name_or_path")
         base, base_tok = load_model(base_spec, auto_class=auto_class, dtype=dtype, **kwargs)
         has_tok = (Path(path) / "tokenizer_config.json").is_file()
         tok = load_tokenizer(spec) if has_tok else base_tok
-        model = PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+        model = apply_adapter(base, path, is_trainable=is_trainable)
         ensure_pad_token(tok, model)
         if device is not None:
             model.to(device)
@@ -426,6 +429,43 @@ def load_model(
     return model, tok
 
 
+# --------------------------------------------------------------------------- LoRA adapters
+
+
+def apply_adapter(base: Any, path: str | os.PathLike[str], *, is_trainable: bool = False) -> Any:
+    """``base`` with the LoRA adapter saved in ``path`` (peft); ``is_trainable`` keeps the
+    adapter weights trainable."""
+    from peft import PeftModel  # heavy: loaded only when an adapter is used
+
+    return PeftModel.from_pretrained(base, path, is_trainable=is_trainable)
+
+
+@contextmanager
+def adapters_disabled(model: Any) -> Iterator[None]:
+    """Run a LoRA policy as its frozen base: π_ref, without a second copy of the weights."""
+    unwrapped = model.module if hasattr(model, "module") else model
+    if not hasattr(unwrapped, "disable_adapter"):
+        raise ConfigError("finetune: lora needs a peft model for the reference policy")
+    with unwrapped.disable_adapter():
+        yield
+
+
+def merged_policy(spec: str, peft_policy: Any) -> Any:
+    """The fp32 initial weights (``spec``) with ``peft_policy``'s trained adapters merged in.
+
+    The policy in memory may hold its frozen base in bf16 (see
+    :func:`palate.training.store_frozen_linears`); merging there would round the update away,
+    so the adapters are merged into a fresh fp32 load of the initial model.
+    """
+    # heavy: loaded only when an adapter is merged
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base, _ = load_model(spec)
+    fresh = get_peft_model(base, copy.deepcopy(peft_policy.peft_config["default"]))
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_policy))
+    return fresh.merge_and_unload()
+
+
 def load_merged(path: str | Path, base_spec: str | None = None) -> Any:
     """The causal LM at ``path`` with any LoRA adapter merged in: a full model as it is, or an
     adapter (``adapter_config.json``) applied to ``base_spec`` (default: the adapter's own base)
@@ -435,8 +475,5 @@ def load_merged(path: str | Path, base_spec: str | None = None) -> Any:
         return load_model(str(path))[0]
     if base_spec is None:
         return load_model(str(path))[0].merge_and_unload()
-    # peft imports in ~1 s; only adapter loads need it
-    from peft import PeftModel
-
     base, _ = load_model(base_spec)
-    return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return apply_adapter(base, path).merge_and_unload()

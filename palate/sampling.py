@@ -27,6 +27,7 @@ from palate.data import Conversation, Prompt
 from palate.formatting import pad_batch, prompt_ids
 from palate.lm import base_model
 from palate.models import load_merged, load_model
+from palate.training import autocast, store_frozen_linears
 
 __all__ = [
     "Generated",
@@ -75,8 +76,6 @@ def generate_responses(
 ) -> list[Generated]:
     """Sample one response per prompt, ``batch_size`` prompts at a time (``precision='bf16'``:
     under bf16 autocast; see :func:`inference_copy` for a model stored for it)."""
-    from palate.training import autocast
-
     sampling = sampling or SamplingConfig()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -111,8 +110,6 @@ def generate_responses(
 def inference_model(model: Any, precision: str) -> Any:
     """Freeze ``model`` for sampling/scoring only: no grads, eval mode, and under bf16 its
     linear weights stored in bf16 (what autocast would compute, without re-casting per token)."""
-    from palate.training import store_frozen_linears
-
     model.requires_grad_(False).eval()
     store_frozen_linears(model, precision)
     return model
@@ -311,8 +308,6 @@ class MergedCopyEngine(_GenerateEngine):
         prompt_bucket: int = 1,
     ):
         import copy
-
-        from palate.training import store_frozen_linears
 
         self._autocast = autocast_factory
         self.static_cache = static_cache  # static KV cache; compiled decoding on a GPU

@@ -12,6 +12,7 @@ from palate.config import load_config
 from palate.data import write_jsonl
 from palate.errors import ConfigError
 from palate.ppo import PPOConfig, PPOTrainer, ppo
+from palate.ppo.rewards import shape_scores
 from palate.rundir import RunDir
 from palate.sft import SFTConfig, sft
 
@@ -309,7 +310,12 @@ def test_reference_defaults_adam_eps_and_missing_eos_penalty(tmp_path: Path, sft
     even when the optim section is given, and a reply cut off without EOS scores 1 lower."""
     trainer = PPOTrainer(make_cfg(tmp_path, sft_policy), score_fn=bright)
     assert trainer.optimizer.param_groups[0]["eps"] == 1e-5
-    shaped = trainer._shape_scores(torch.tensor([2.0, 2.0]), torch.tensor([True, False]))
+    shaped = shape_scores(
+        torch.tensor([2.0, 2.0]),
+        torch.tensor([True, False]),
+        trainer.cfg.reward,
+        trainer.score_moments,
+    )
     torch.testing.assert_close(shaped, torch.tensor([2.0, 1.0]))
 
 
@@ -326,7 +332,7 @@ def test_init_adapter_continues_a_previous_run_against_the_same_reference(
         for name, p in trainer.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    trainer.checkpoint()
+    trainer.checkpoint(trainer.step_no)
     adapter = RunDir(tmp_path / "a" / "run").latest_checkpoint() / "policy"
     saved = load_file(adapter / "adapter_model.safetensors")
 

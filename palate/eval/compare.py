@@ -40,10 +40,10 @@ from palate.eval.stats import pairwise_wins, win_rates
 from palate.feedback.config import JudgeSettings
 from palate.feedback.judge import load_judge
 from palate.models import load_tokenizer
-from palate.ppo import load_score_fn
 from palate.ppo.config import RewardSource
 from palate.progress import progress_bar
 from palate.report import build_eval_report
+from palate.reward.scoring import load_score_fn
 from palate.rundir import RunDir, fingerprint
 from palate.sampling import SamplingConfig, checkpoint_policy, load_sampler
 from palate.text import distinct_n, is_refusal, repeated_trigrams

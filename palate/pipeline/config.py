@@ -147,7 +147,7 @@ class PairSettings(Config):
     )
     select: Literal["random", "uncertainty", "disagreement"] = Field(
         "random",
-        description="Which pairs fill the budget (palate/active.py): random; uncertainty (the "
+        description="Which pairs fill the budget (palate/label/active.py): random; uncertainty (the "
         "last reward model's P(a ≻ b) nearest ½); disagreement (the spread of an ensemble's "
         "members, needs reward.ensemble ≥ 2). The first round has no reward model yet: random.",
     )
@@ -399,7 +399,7 @@ class RunPPO(PPORecipe, RunOnlyPPO):
 
 
 class SycophancySettings(Config):
-    """Sycophancy before vs after (``palate/sycophancy.py``), by log-probabilities."""
+    """Sycophancy before vs after (``palate/eval/sycophancy.py``), by log-probabilities."""
 
     caa: str | None = Field(
         "../shared/data/sycophancy-caa-ab.json",

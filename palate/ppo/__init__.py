@@ -6,12 +6,17 @@ One update reads like the paper (:meth:`PPOTrainer.step`):
 
 Where things are:
 
-* :mod:`palate.ppo.trainer` — :class:`PPOTrainer` (rollouts, the update, checkpoints) and
+* :mod:`palate.ppo.trainer` — :class:`PPOTrainer` (models, the update, checkpoints) and
   :func:`ppo` (``palate ppo CONFIG.yaml``).
+* :mod:`palate.ppo.rollout` — sample: :class:`Rollout` and the sampler (log π, log π_ref, V).
+* :mod:`palate.ppo.rewards` — rule rewards and score shaping (the missing-EOS penalty,
+  normalisation, clipping).
+* :mod:`palate.ppo.update` — the clipped update (epochs × minibatches, PPO-ptx).
+* :mod:`palate.ppo.monitors` — alarms while PPO runs (reward hacking, KL budget, collapse).
 * :mod:`palate.ppo_math` — the maths as pure functions: the KL penalty
   (:func:`~palate.ppo_math.penalised_rewards`), GAE, the clipped losses, the KL controllers.
 * :mod:`palate.lm` — log π and V from one forward (:func:`~palate.lm.policy_forward`).
-* :mod:`palate.ppo.critic` — the value head and the separate critic.
+* :mod:`palate.ppo.critic` — the value head and the separate critic (and its set-up).
 * :mod:`palate.ppo.distributed` — several processes: rollouts sharded by rank, episodes gathered,
   gradients summed.
 * :mod:`palate.ppo.config` — the config.
@@ -27,14 +32,8 @@ from palate.ppo.config import (
     RewardSource,
 )
 from palate.ppo.critic import SeparateCritic, ValueHead
-from palate.ppo.trainer import (
-    PPOTrainer,
-    Rollout,
-    adapters_disabled,
-    load_score_fn,
-    merged_policy,
-    ppo,
-)
+from palate.ppo.rollout import Rollout
+from palate.ppo.trainer import PPOTrainer, ppo
 
 __all__ = [
     "CriticSettings",
@@ -48,8 +47,5 @@ __all__ = [
     "Rollout",
     "SeparateCritic",
     "ValueHead",
-    "adapters_disabled",
-    "load_score_fn",
-    "merged_policy",
     "ppo",
 ]

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from palate.compiling import CompileSettings
 from palate.config import Config
 from palate.feedback.config import JudgeSettings
-from palate.monitors import MonitorSettings
+from palate.ppo.monitors import MonitorSettings
 from palate.sampling import SamplingConfig
 from palate.training import LoraSettings, OptimSettings, StageConfig, StageSettings
 

@@ -197,7 +197,7 @@ def rounds(rows: Sequence[Mapping[str, Any]]) -> list[Row]:
 
 
 def alarms(fired: Sequence[Mapping[str, Any]]) -> list[Row]:
-    """The monitors' alarms during PPO (palate/monitors.py), first firing of each."""
+    """The monitors' alarms during PPO (palate/ppo/monitors.py), first firing of each."""
     return [
         {
             "name": a["name"],
@@ -238,7 +238,7 @@ SYCOPHANCY_ROWS = (
 
 
 def sycophancy(x: Mapping[str, Any] | None) -> list[Row] | None:
-    """Sycophancy before vs after (palate/sycophancy.py): the measures either side has."""
+    """Sycophancy before vs after (palate/eval/sycophancy.py): the measures either side has."""
     if not x:
         return None
     rows = []

@@ -13,6 +13,8 @@ Where things are:
   score / save), :class:`RewardEnsemble`, :func:`load_reward_model` (what PPO and raters load).
 * :mod:`palate.reward.train` — :class:`RewardTrainer` and :func:`train_reward`
   (``palate reward train``), ensembles.
+* :mod:`palate.reward.scoring` — :func:`load_score_fn`: a ``score(prompts, responses)``
+  callable from a configured source (reward model, function, AI judge, routes).
 * :mod:`palate.reward.routed` — :class:`RoutedScorer`: one reward model per prompt criterion
   (Llama 2's safety and helpfulness reward models), each prompt scored by its own.
 * :mod:`palate.reward.normalize` — :func:`fit_normalisation`: the gain and offset, fitted on
@@ -49,6 +51,7 @@ from palate.reward.model import (
 )
 from palate.reward.normalize import fit_normalisation
 from palate.reward.routed import RoutedScorer
+from palate.reward.scoring import ScoreSource, load_score_fn
 from palate.reward.train import RewardTrainer, train_reward
 
 __all__ = [
@@ -65,9 +68,11 @@ __all__ = [
     "RewardTrainer",
     "RoutedScorer",
     "ScoreFn",
+    "ScoreSource",
     "evaluate_reward",
     "expected_calibration_error",
     "fit_normalisation",
+    "load_score_fn",
     "preference_loss",
     "preference_metrics",
     "score_comparisons",

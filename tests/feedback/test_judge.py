@@ -262,8 +262,9 @@ def test_sl_cai_on_the_tiny_model_writes_both_files(tmp_path: Path) -> None:
 def test_ppo_scores_with_the_judge_directly(tmp_path: Path) -> None:
     """reward.judge: PPO's reward is the judge's rating (direct RLAIF), here on the tiny model."""
     from palate.config import load_config
-    from palate.ppo import PPOConfig, load_score_fn, ppo
+    from palate.ppo import PPOConfig, ppo
     from palate.reward.model import ScoreFn
+    from palate.reward.scoring import load_score_fn
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(

@@ -1,4 +1,4 @@
-"""Pair selection for labelling (palate/active.py) on hand-built examples."""
+"""Pair selection for labelling (palate/label/active.py) on hand-built examples."""
 
 from __future__ import annotations
 

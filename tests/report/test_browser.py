@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from palate.monitors import Alarm
+from palate.ppo.monitors import Alarm
 from palate.report import OPTIONAL_PLOTS, PLOTS, build_report
 
 from ..browser import need_browser, render_report
 
 
 def _sycophancy(shift: float) -> dict[str, Any]:
-    """One side (initial or final) of ``summary["sycophancy"]`` (palate/sycophancy.py)."""
+    """One side (initial or final) of ``summary["sycophancy"]`` (palate/eval/sycophancy.py)."""
     return {
         "opinion": {
             "items": 10,

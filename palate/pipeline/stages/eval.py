@@ -20,8 +20,9 @@ from palate.eval.xstest import read_xstest, xstest_rates
 from palate.pipeline.recipes import group_panels, read_criteria, read_prompts
 from palate.pipeline.run import Run
 from palate.pipeline.stages.reward import run_scorer
-from palate.ppo import RewardSource, load_score_fn
+from palate.ppo import RewardSource
 from palate.progress import progress_bar
+from palate.reward.scoring import load_score_fn
 from palate.rundir import RunDir
 from palate.sampling import checkpoint_policy, load_sampler
 

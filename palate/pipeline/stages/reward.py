@@ -13,9 +13,10 @@ from palate.eval.stats import order_agreement
 from palate.pipeline.launch import launched, run_here
 from palate.pipeline.recipes import group_panels, label_criteria, reward_routes
 from palate.pipeline.run import Run
-from palate.ppo import RewardSource, load_score_fn
+from palate.ppo import RewardSource
 from palate.reward import load_reward_model
 from palate.reward.routed import reward_models
+from palate.reward.scoring import load_score_fn
 from palate.rundir import RunDir
 from palate.training import store_frozen_linears
 

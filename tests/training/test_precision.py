@@ -1,10 +1,9 @@
-"""Training plumbing: frozen weights stored in bf16 compute what autocast computes."""
+"""Precision: frozen weights stored in bf16 compute what autocast computes."""
 
 from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from palate.training import LoraSettings, apply_lora, autocast, store_frozen_linears
@@ -49,29 +48,3 @@ def test_store_frozen_linears_is_a_no_op_in_fp32(tiny) -> None:
     model = copy.deepcopy(model).requires_grad_(False)
     assert store_frozen_linears(model, "fp32") == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
-def test_grouped_order_keeps_each_key_together_and_is_seeded() -> None:
-    from palate.training import grouped_order
-
-    keys = ["a", "b", "a", "c", "b", "a", "c"]
-    order = grouped_order(keys, seed=3, epoch=0)
-    assert sorted(order) == list(range(7))
-    runs = [keys[i] for i in order]
-    # each key's items are consecutive: the key changes exactly twice
-    assert sum(x != y for x, y in zip(runs[:-1], runs[1:], strict=True)) == 2
-    assert grouped_order(keys, seed=3, epoch=0) == order
-    assert {tuple(grouped_order(keys, seed=3, epoch=e)) for e in range(6)} != {tuple(order)}
-
-
-def test_sharded_engines_are_refused_with_the_way_out() -> None:
-    from accelerate.utils import DistributedType
-
-    from palate.errors import ConfigError
-    from palate.training import check_engine
-
-    for fine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        check_engine(fine)
-    for sharded in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        with pytest.raises(ConfigError, match=f"{sharded.value} is not supported.*ddp.yaml"):
-            check_engine(sharded)

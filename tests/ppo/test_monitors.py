@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from palate.monitors import Monitor, MonitorSettings
+from palate.ppo.monitors import Monitor, MonitorSettings
 from palate.text import distinct_n, repeated_trigrams
 
 WORDS = [
@@ -166,7 +166,7 @@ def test_stop_on_names_the_alarms_that_end_training(tmp_path) -> None:
 
 
 def test_halts_keeps_only_the_stopping_alarms() -> None:
-    from palate.monitors import Alarm
+    from palate.ppo.monitors import Alarm
 
     both = [Alarm("same_answer", 7, ""), Alarm("kl_budget", 7, "")]
     stop_kl = MonitorSettings(action="stop", stop_on=["kl_budget"])
