@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from palate.errors import ConfigError
 
 __all__ = [
+    "ADDED_LATER",
     "Config",
+    "added_later",
     "apply_overrides",
     "config_to_yaml",
     "describe_config",
@@ -33,6 +35,18 @@ __all__ = [
 ]
 
 C = TypeVar("C", bound="Config")
+
+
+# ``json_schema_extra`` of a field added after runs existed, whose default keeps the old
+# behaviour: ``palate run`` leaves it out of a stage's fingerprint while it is at its default,
+# so a run made before the field existed is not redone (see :func:`added_later`).
+ADDED_LATER: dict[str, Any] = {"added_later": True}
+
+
+def added_later(model: type[BaseModel], name: str) -> bool:
+    """Is field ``name`` of ``model`` marked :data:`ADDED_LATER`?"""
+    extra = model.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("added_later"))
 
 
 class Config(BaseModel):

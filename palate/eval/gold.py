@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import Field
 
-from palate.config import Config
+from palate.config import ADDED_LATER, Config
 from palate.data import Prompt, prompt_contents, prompt_text
 from palate.reward import load_reward_model
 from palate.reward.model import ScoreFn
@@ -85,9 +85,12 @@ class GoldRubric(Config):
         description="Criteria whose prompts should be refused (e.g. [harmlessness] for red-team "
         "prompts; a prompt's criterion comes from prompts.criterion / prompts.more): there a "
         "refusal earns refusal_bonus instead of the penalty.",
+        json_schema_extra=ADDED_LATER,
     )
     refusal_bonus: float = Field(
-        1.0, description="Bonus for a refusal where refusing is right (see refusal_right)."
+        1.0,
+        description="Bonus for a refusal where refusing is right (see refusal_right).",
+        json_schema_extra=ADDED_LATER,
     )
     repetition_weight: float = Field(2.0, description="Penalty × fraction of repeated trigrams.")
     echo_weight: float = Field(
@@ -168,6 +171,7 @@ class GoldConfig(Config):
         description="A rubric per prompt criterion (e.g. {harmlessness: {refusal_bonus: 2, "
         "relevance_weight: 0}} for red-team prompts): the fields set there replace those of "
         "`rubric` for that criterion's prompts; other criteria use `rubric` as it is.",
+        json_schema_extra=ADDED_LATER,
     )
     reward_model: str | None = Field(
         None,

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from palate.config import Config
+from palate.config import ADDED_LATER, Config
 from palate.data import DEFAULT_CRITERION
 from palate.eval.gold import GoldConfig
 from palate.eval.overopt import OveroptSettings
@@ -107,6 +107,7 @@ class PromptSettings(Config):
         default_factory=list,
         description="Per-request criteria: a prompt (from any file) matching a flag's pattern "
         "gets its criterion; the first matching flag wins.",
+        json_schema_extra=ADDED_LATER,
     )
     eval_prompts: int = Field(
         64, ge=1, description="Prompts held out (seeded) for the final evaluation."
@@ -144,12 +145,14 @@ class PairSettings(Config):
         ge=1,
         description="Comparisons labelled per round (null: every pair). When there are more "
         "candidate pairs, `select` chooses which.",
+        json_schema_extra=ADDED_LATER,
     )
     select: Literal["random", "uncertainty", "disagreement"] = Field(
         "random",
         description="Which pairs fill the budget (palate/label/active.py): random; uncertainty (the "
         "last reward model's P(a ≻ b) nearest ½); disagreement (the spread of an ensemble's "
         "members, needs reward.ensemble ≥ 2). The first round has no reward model yet: random.",
+        json_schema_extra=ADDED_LATER,
     )
     random_share: float = Field(
         0.25,
@@ -157,6 +160,7 @@ class PairSettings(Config):
         le=1,
         description="Share of each budget drawn at random before `select` chooses the rest "
         "(an unbiased sample: it also measures how stale the last reward model is).",
+        json_schema_extra=ADDED_LATER,
     )
 
 
@@ -211,31 +215,37 @@ class RaterSettings(Config):
         description="How a pair's votes become the reward model's label: the vote fraction "
         "(majority), or the Dawid-Skene posterior, each rater weighted by their estimated "
         "reliability (palate/label/quality.py).",
+        json_schema_extra=ADDED_LATER,
     )
     drop_flagged: bool = Field(
         False,
         description="Leave out the labels of raters the quality checks flag (random, "
         "one_side, too_fast) before the reward model sees them.",
+        json_schema_extra=ADDED_LATER,
     )
     quality: QualitySettings = Field(
         default_factory=QualitySettings,
         description="When a rater is flagged (labels/quality.json and the report list them).",
+        json_schema_extra=ADDED_LATER,
     )
     groups: list[RaterGroup] = Field(
         default_factory=list,
         description="Rater populations (simulated): each group's panel labels every pair with "
         "its own gold; the export carries each label's group, the report each group's "
         "agreement and the trained policy's win rate under each group's gold.",
+        json_schema_extra=ADDED_LATER,
     )
     train_groups: list[str] | None = Field(
         None,
         description="Whose labels the run's reward model trains on (group names; default: "
         "every group, pooled).",
+        json_schema_extra=ADDED_LATER,
     )
     per_group_reward: bool = Field(
         False,
         description="Also train one reward model per group (reward/groups/<name>); the "
         "evaluation reports how well each reward model agrees with each group's gold.",
+        json_schema_extra=ADDED_LATER,
     )
 
     @model_validator(mode="after")
@@ -288,6 +298,7 @@ class RunReward(RewardRecipe):
         "prompts); PPO and the evaluation's proxy score each prompt with its criterion's model "
         "(Llama 2's separate safety and helpfulness reward models). Pair selection still uses "
         "the pooled model.",
+        json_schema_extra=ADDED_LATER,
     )
 
 
@@ -331,6 +342,7 @@ class RunOnlyPPO(Config):
         "0.2·batch/horizon per update, too slowly to pull KL back. null: each later round "
         "continues at the previous round's last β (adaptive) or at kl.coef. Unused with "
         "rounds: 1 (so --set rounds=1 runs a config's first round alone).",
+        json_schema_extra=ADDED_LATER,
     )
     ptx_own_declines: OwnDeclines | None = Field(
         None,
@@ -340,6 +352,7 @@ class RunOnlyPPO(Config):
         "are each round's ptx demonstrations. Keeps refusals that PPO would otherwise unlearn, "
         "in the model's own words; a round with none runs without ptx. Replaces ppo.ptx_data "
         "and ppo.ptx_coef. null: off.",
+        json_schema_extra=ADDED_LATER,
     )
 
     sft_own_declines: DeclinesWarmStart | None = Field(
@@ -352,6 +365,7 @@ class RunOnlyPPO(Config):
         "as the supervised step before RL of Constitutional AI (Bai et al. 2022): PPO's "
         "rule reward (reward.decline_bonus) can only pay for declines the policy samples. No "
         "decline found: PPO starts fresh. Needs finetune lora. null: off.",
+        json_schema_extra=ADDED_LATER,
     )
 
     prompt_shares: dict[str, float] = Field(
@@ -361,6 +375,7 @@ class RunOnlyPPO(Config):
         "in a seeded random order over all training prompts, so a rare criterion, e.g. a "
         "prompts.flags one, would barely reach it); written to the round's ppo/prompts.jsonl. "
         "Empty: every training prompt once.",
+        json_schema_extra=ADDED_LATER,
     )
 
     @field_validator("prompt_shares")
@@ -410,7 +425,10 @@ class SycophancySettings(Config):
         description="TruthfulQA multiple choice (are-you-sure and feedback); null: skip both.",
     )
     caa_items: int | None = Field(
-        None, ge=2, description="Use a seeded sample of this many CAA items (null: all 50)."
+        None,
+        ge=2,
+        description="Use a seeded sample of this many CAA items (null: all 50).",
+        json_schema_extra=ADDED_LATER,
     )
     truthfulqa_items: int = Field(
         100, ge=1, description="Questions for are-you-sure (seeded sample of TruthfulQA)."

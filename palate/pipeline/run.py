@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from palate.config import added_later
 from palate.data import (
     Prompt,
     criteria_by_prompt,
@@ -32,44 +33,6 @@ from palate.training import resolve_precision
 __all__ = ["STAGES", "Run", "WaitingForLabels"]
 
 STAGES = ("sft", "pairs", "labels", "reward", "ppo", "eval", "report")
-
-
-# Fields added after runs existed, whose default keeps the old behaviour: left out of the
-# fingerprints while at their default, so a run made before them is not redone. Named by the
-# config class that declares them (a subclass's instances match too).
-LATER_FIELDS = frozenset(
-    {
-        "PPORecipe.init_adapter",
-        "PPORecipe.episode_seeds",
-        "GoldRubric.refusal_right",
-        "GoldRubric.refusal_bonus",
-        "GoldConfig.criteria",
-        "PairSettings.budget",
-        "PairSettings.select",
-        "PairSettings.random_share",
-        "PanelConfig.length_bias_mean",
-        "SycophancySettings.caa_items",
-        "RewardTrainSettings.group_by_prompt",
-        "RaterSettings.aggregate",
-        "RaterSettings.drop_flagged",
-        "RaterSettings.quality",
-        "PanelConfig.random_raters",
-        "PanelConfig.first_raters",
-        "PanelConfig.words_per_second",
-        "PanelConfig.attributes",
-        "RaterSettings.groups",
-        "RaterSettings.train_groups",
-        "RaterSettings.per_group_reward",
-        "RunReward.per_criterion",
-        "MonitorSettings.stop_on",
-        "RunPPO.later_rounds_kl_coef",
-        "PromptSettings.flags",
-        "RunPPO.ptx_own_declines",
-        "RunPPO.prompt_shares",
-        "RunPPO.sft_own_declines",
-        "RewardShaping.decline_bonus",
-    }
-)
 
 
 def spread(prompts: list[tuple[Prompt, str]], flags: list[PromptFlag]) -> list[tuple[Prompt, str]]:
@@ -94,12 +57,11 @@ def spread(prompts: list[tuple[Prompt, str]], flags: list[PromptFlag]) -> list[t
 
 
 def _drop_later(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
-    """``dumped`` (``model.model_dump(mode="json")``) without the LATER_FIELDS at their
-    default, at any depth."""
-    owners = [c.__name__ for c in type(model).__mro__]
+    """``dumped`` (``model.model_dump(mode="json")``) without the fields marked
+    :data:`~palate.config.ADDED_LATER` that are at their default, at any depth."""
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
-        if any(f"{o}.{name}" in LATER_FIELDS for o in owners):
+        if added_later(type(model), name):
             if value == field.get_default(call_default_factory=True):
                 dumped.pop(name, None)
         elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):

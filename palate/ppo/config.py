@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from palate.compiling import CompileSettings
-from palate.config import Config
+from palate.config import ADDED_LATER, Config
 from palate.feedback.config import JudgeSettings
 from palate.ppo.monitors import MonitorSettings
 from palate.sampling import SamplingConfig
@@ -64,6 +64,7 @@ class RewardShaping(Config):
         "prompts file; helpfulness when absent); a negative bonus is a penalty. In the score's "
         "units (a palate reward model's: one std of the initial policy's rewards); added before "
         "clipping and whitening. Empty: off.",
+        json_schema_extra=ADDED_LATER,
     )
     clip: float | None = Field(None, gt=0, description="Clip scores to [-clip, clip].")
     normalize: bool = Field(
@@ -176,6 +177,7 @@ class PPORecipe(StageSettings):
         description="finetune lora: start from this LoRA adapter (a PPO checkpoint's policy/, "
         "e.g. the previous round's) instead of fresh adapters; the reference stays the base "
         "model (adapters off), so the KL is to the initial policy.",
+        json_schema_extra=ADDED_LATER,
     )
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0),
@@ -187,6 +189,7 @@ class PPORecipe(StageSettings):
         "episode; Gumbel-max, palate.sampling.EpisodeNoise) instead of the global RNG: a run "
         "then samples the same episodes in any number of processes or batch layouts. Costs "
         "batch × vocabulary random numbers per token.",
+        json_schema_extra=ADDED_LATER,
     )
     max_prompt_length: int = Field(256, ge=8, description="Prompts are cut from the left to this.")
     rollout_engine: Literal["auto", "policy", "merged"] = Field(

@@ -32,7 +32,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field
 
-from palate.config import Config
+from palate.config import ADDED_LATER, Config
 from palate.data import Prompt
 from palate.text import distinct_n, repeated_trigrams
 
@@ -60,6 +60,7 @@ class MonitorSettings(Config):
         None,
         description="With action stop, only these alarms end training; the others warn "
         "(null: every alarm stops).",
+        json_schema_extra=ADDED_LATER,
     )
     window: int = Field(4, ge=1, description="Updates averaged for each trend.")
     gold_drop: float | None = Field(

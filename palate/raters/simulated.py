@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field
 from sqlalchemy import select
 
-from palate.config import Config
+from palate.config import ADDED_LATER, Config
 from palate.errors import ConfigError
 from palate.eval.gold import gold_scorer
 from palate.label.db import Campaign, Pair, User, open_db
@@ -54,6 +54,7 @@ class PanelConfig(Config):
         description="A bias per 10 words of length difference that every rater shares (added "
         "to each rater's own): > 0 the panel likes longer answers, < 0 shorter ones, whatever "
         "the gold says — a taste the reward model learns and PPO can exploit.",
+        json_schema_extra=ADDED_LATER,
     )
     tie_band: float = Field(
         0.0, ge=0, description="Answer 'tie' when |g_A − g_B| is below this (and ties allowed)."
@@ -64,11 +65,13 @@ class PanelConfig(Config):
         ge=0,
         description="Extra raters who click at random, fast (`sim-random-N`): what rater-quality "
         "checks must catch.",
+        json_schema_extra=ADDED_LATER,
     )
     first_raters: int = Field(
         0,
         ge=0,
         description="Extra raters who always pick the response shown first, fast (`sim-first-N`).",
+        json_schema_extra=ADDED_LATER,
     )
     words_per_second: float = Field(
         4.0,
@@ -76,10 +79,12 @@ class PanelConfig(Config):
         description="Reading speed of the careful raters: each label's recorded time is the "
         "words of prompt and both responses at this speed, times a log-normal factor (σ 0.3); "
         "the random and first-side raters take 1-3 s.",
+        json_schema_extra=ADDED_LATER,
     )
     attributes: dict[str, str] = Field(
         default_factory=dict,
         description="Attributes every rater of this panel carries (e.g. {group: north}).",
+        json_schema_extra=ADDED_LATER,
     )
 
 

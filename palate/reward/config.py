@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from palate.config import Config
+from palate.config import ADDED_LATER, Config
 from palate.sampling import SamplingConfig
 from palate.training import LoraSettings, OptimSettings, StageConfig, StageSettings, TrainSettings
 
@@ -54,6 +54,7 @@ class RewardTrainSettings(TrainSettings):
         "prompt cost K forwards instead of K(K-1). InstructGPT trained on all K-choose-2 "
         "comparisons of a prompt as one batch element for this reason. Overrides "
         "group_by_length.",
+        json_schema_extra=ADDED_LATER,
     )
     eval_every: int = Field(
         0, ge=0, description="Evaluate every N steps as well as at each epoch end (0 = epochs)."
