@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from typing import Any
 
+import krippendorff
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,53 +30,12 @@ def campaign_stats(
     for lab in labels:
         by_pair[lab.pair_id].append(lab)
 
-    # pairwise % agreement over pairs with >= 2 labels
-    agree = total = 0
-    for labs in by_pair.values():
-        for x, y in combinations(labs, 2):
-            total += 1
-            agree += x.answer == y.answer
-    # Krippendorff's alpha (nominal): raters x pairs, NaN where missing
-    alpha = None
+    agreement = pairwise_agreement(by_pair)
     raters = sorted({lab.rater_id for lab in labels})
-    multi = [pid for pid, labs in by_pair.items() if len(labs) >= 2]
-    if len(raters) >= 2 and multi:
-        import krippendorff
-
-        code: dict[str, int] = {a: i for i, a in enumerate(ANSWERS)}
-        data = np.full((len(raters), len(multi)), np.nan)
-        r_index = {r: i for i, r in enumerate(raters)}
-        for j, pid in enumerate(multi):
-            for lab in by_pair[pid]:
-                data[r_index[lab.rater_id], j] = code[lab.answer]
-        if len({v for v in data.flatten() if not np.isnan(v)}) > 1:
-            alpha = float(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+    alpha = krippendorff_alpha(by_pair, raters)
 
     # per rater: labels, median seconds, agreement with the majority of the others, gold accuracy
-    per_rater: dict[int, dict[str, Any]] = {}
-    for r in raters:
-        mine = [lab for lab in labels if lab.rater_id == r]
-        secs = [lab.seconds for lab in mine if lab.seconds is not None]
-        maj_hits = maj_n = gold_hits = gold_n = 0
-        for lab in mine:
-            others = [o.answer for o in by_pair[lab.pair_id] if o.rater_id != r]
-            if others:
-                top, count = Counter(others).most_common(1)[0]
-                if count > len(others) / 2:
-                    maj_n += 1
-                    maj_hits += lab.answer == top
-            gold = pairs[lab.pair_id].gold
-            if gold is not None:
-                gold_n += 1
-                gold_hits += lab.answer == gold
-        per_rater[r] = {
-            "rater": names.get(r, str(r)),
-            "kind": kinds.get(r, "human"),
-            "labels": len(mine),
-            "median_seconds": statistics.median(secs) if secs else None,
-            "majority_agreement": maj_hits / maj_n if maj_n else None,
-            "gold_accuracy": gold_hits / gold_n if gold_n else None,
-        }
+    per_rater = {r: rater_row(r, labels, by_pair, pairs, names, kinds) for r in raters}
     rows = label_rows(db, [campaign.id])
     attributes = {u.name: dict(u.attributes or {}) for u in users}
     for r, q in zip(raters, _quality(rows, names, raters, quality, attributes), strict=True):
@@ -89,7 +49,7 @@ def campaign_stats(
         "target": len(pairs) * campaign.overlap,
         "complete_pairs": sum(len(by_pair[p]) >= campaign.overlap for p in pairs),
         "median_seconds": statistics.median(secs_all) if secs_all else None,
-        "pairwise_agreement": agree / total if total else None,
+        "pairwise_agreement": agreement,
         "krippendorff_alpha": alpha,
         "answers": dict(Counter(lab.answer for lab in labels)),
         "flags": dict(Counter(f for lab in labels for f in lab.flags)),
@@ -100,6 +60,67 @@ def campaign_stats(
         ),
         "sources": source_stats(by_pair, kinds),
         "ai_vs_human": ai_vs_human(by_pair, kinds),
+    }
+
+
+def pairwise_agreement(by_pair: dict[int, list[Label]]) -> float | None:
+    """Pairwise % agreement over the pairs with at least two labels."""
+    agree = total = 0
+    for labs in by_pair.values():
+        for x, y in combinations(labs, 2):
+            total += 1
+            agree += x.answer == y.answer
+    return agree / total if total else None
+
+
+def krippendorff_alpha(by_pair: dict[int, list[Label]], raters: list[int]) -> float | None:
+    """Krippendorff's alpha (nominal) over raters × pairs with at least two labels (NaN where
+    a rater did not label a pair); None when it is undefined."""
+    multi = [pid for pid, labs in by_pair.items() if len(labs) >= 2]
+    if len(raters) < 2 or not multi:
+        return None
+    code: dict[str, int] = {a: i for i, a in enumerate(ANSWERS)}
+    data = np.full((len(raters), len(multi)), np.nan)
+    r_index = {r: i for i, r in enumerate(raters)}
+    for j, pid in enumerate(multi):
+        for lab in by_pair[pid]:
+            data[r_index[lab.rater_id], j] = code[lab.answer]
+    if len({v for v in data.flatten() if not np.isnan(v)}) <= 1:
+        return None
+    return float(krippendorff.alpha(reliability_data=data, level_of_measurement="nominal"))
+
+
+def rater_row(
+    r: int,
+    labels: list[Label],
+    by_pair: dict[int, list[Label]],
+    pairs: dict[int, Pair],
+    names: dict[int, str],
+    kinds: dict[int, str],
+) -> dict[str, Any]:
+    """One rater's labels, median seconds, agreement with the majority of the others and gold
+    accuracy."""
+    mine = [lab for lab in labels if lab.rater_id == r]
+    secs = [lab.seconds for lab in mine if lab.seconds is not None]
+    maj_hits = maj_n = gold_hits = gold_n = 0
+    for lab in mine:
+        others = [o.answer for o in by_pair[lab.pair_id] if o.rater_id != r]
+        if others:
+            top, count = Counter(others).most_common(1)[0]
+            if count > len(others) / 2:
+                maj_n += 1
+                maj_hits += lab.answer == top
+        gold = pairs[lab.pair_id].gold
+        if gold is not None:
+            gold_n += 1
+            gold_hits += lab.answer == gold
+    return {
+        "rater": names.get(r, str(r)),
+        "kind": kinds.get(r, "human"),
+        "labels": len(mine),
+        "median_seconds": statistics.median(secs) if secs else None,
+        "majority_agreement": maj_hits / maj_n if maj_n else None,
+        "gold_accuracy": gold_hits / gold_n if gold_n else None,
     }
 
 
