@@ -25,10 +25,12 @@ from rich.console import Console
 from rich.table import Table
 
 from palate.config import Config, describe_config, load_config
+from palate.data import RecordKind, validate_file
 from palate.errors import PalateError
 from palate.eval.compare import EvalConfig, compare_policies
 from palate.feedback import CAIConfig, JudgeConfig, cai_revise, judge
 from palate.generate import GenerateConfig, generate
+from palate.label.app import serve as serve_app
 from palate.label.campaign import (
     LabelAccessConfig,
     LabelCreateConfig,
@@ -41,6 +43,7 @@ from palate.label.campaign import (
     label_access,
     label_quality,
 )
+from palate.models import BUILTIN_MODELS
 from palate.pipeline import STAGES as RUN_STAGES
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
 from palate.ppo import PPOConfig, ppo
@@ -132,7 +135,6 @@ def stage(
 @models_app.command("list")
 def models_list(as_json: JsonOpt = False) -> None:
     """Show the built-in model names and whether their packages are installed."""
-    from palate.models import BUILTIN_MODELS
 
     rows: list[dict[str, Any]] = [
         {
@@ -169,7 +171,6 @@ def data_validate(
     as_json: JsonOpt = False,
 ) -> None:
     """Check every row of a data file; report counts and each bad row's line and field."""
-    from palate.data import RecordKind, validate_file
 
     record_kinds: tuple[RecordKind, ...] = ("prompts", "demonstrations", "comparisons")
     expected = next((k for k in record_kinds if k == kind), None)
@@ -398,7 +399,6 @@ def serve(
     Set PALATE_SECRET_KEY to keep sessions valid across restarts. GET /healthz answers 200
     while the database is reachable (503 otherwise).
     """
-    from palate.label.app import serve as serve_app
 
     serve_app(
         db,

@@ -22,6 +22,10 @@ import torch
 
 from palate.data import Conversation
 from palate.errors import ConfigError
+from palate.formatting import pad_batch, prompt_ids
+from palate.lm import position_ids
+from palate.sampling import SamplingConfig, generate_responses, load_sampler
+from palate.training import autocast, resolve_precision
 
 __all__ = ["Conversation", "JudgeBackend", "LocalBackend", "answer_token_ids"]
 
@@ -90,15 +94,12 @@ class LocalBackend:
 
     @classmethod
     def load(cls, spec: str, *, precision: str = "auto", **kwargs: Any) -> LocalBackend:
-        from palate.sampling import load_sampler
-        from palate.training import resolve_precision
 
         precision = resolve_precision(precision)
         model, tok = load_sampler(spec, precision)
         return cls(model, tok, name=spec, precision=precision, **kwargs)
 
     def _ids(self, conversation: Conversation) -> list[int]:
-        from palate.formatting import prompt_ids
 
         ids = prompt_ids(self.tokenizer, conversation)
         # keep the end (the question and the answer slot) when a conversation is too long
@@ -108,9 +109,6 @@ class LocalBackend:
     def choice_probs(
         self, conversations: Sequence[Conversation], options: Sequence[str]
     ) -> list[list[float]]:
-        from palate.formatting import pad_batch
-        from palate.lm import position_ids
-        from palate.training import autocast
 
         option_ids = torch.tensor(answer_token_ids(self.tokenizer, options))
         device = next(self.model.parameters()).device
@@ -132,7 +130,6 @@ class LocalBackend:
     def generate(
         self, conversations: Sequence[Conversation], *, max_new_tokens: int, temperature: float
     ) -> list[str]:
-        from palate.sampling import SamplingConfig, generate_responses
 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
         gens = generate_responses(

@@ -28,6 +28,7 @@ from palate.errors import ConfigError
 from palate.feedback.backend import Conversation, JudgeBackend, LocalBackend
 from palate.feedback.config import JudgeSettings
 from palate.feedback.constitution import Constitution, Principle, load_constitution
+from palate.feedback.remote import OpenAIBackend, check_server
 from palate.progress import progress_bar
 
 __all__ = [
@@ -216,8 +217,6 @@ def load_backend(settings: JudgeSettings) -> JudgeBackend:
     request first, so an unreachable server, a rejected key or an unknown model fails at once,
     not after a long run's first batch)."""
     if settings.backend == "openai":
-        from palate.feedback.remote import OpenAIBackend, check_server
-
         check_server(settings.remote, settings.model)
         return OpenAIBackend(settings.remote, settings.model)
     return LocalBackend.load(

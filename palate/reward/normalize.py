@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 import torch
 
-from palate.data import Comparison, Prompt, read_records, read_samples
+from palate.data import Comparison, Prompt, prompt_text, read_records, read_samples
 from palate.errors import DataError
 from palate.progress import progress_bar
 from palate.reward.config import RewardNormalization
+from palate.sampling import generate_responses, load_sampler
 
 __all__ = ["fit_normalisation", "reference_set"]
 
@@ -93,8 +94,6 @@ def _policy_samples(
     precision: str,
     seed: int,
 ) -> tuple[list[Prompt], list[str]]:
-    from palate.data import prompt_text
-    from palate.sampling import generate_responses, load_sampler
 
     pool: list[Any]
     if settings.prompts:

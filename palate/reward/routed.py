@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from palate.data import Prompt, prompt_text
-from palate.reward.model import ScoreFn
+from palate.reward.model import RewardModelScorer, ScoreFn
 
 __all__ = ["RoutedScorer", "reward_models"]
 
@@ -67,7 +67,6 @@ def reward_models(score_fn: Any) -> list[Any]:
     """The palate reward models (or ensembles) behind a scorer: one for a
     :class:`~palate.reward.RewardModelScorer`, each route's and the default's for a
     :class:`RoutedScorer`, none for a plain function."""
-    from palate.reward.model import RewardModelScorer
 
     if isinstance(score_fn, RewardModelScorer):
         return [score_fn.reward_model]

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from palate.errors import ConfigError
+from palate.feedback.judge import JudgeScorer, load_judge
 from palate.reward.model import RewardModelScorer, ScoreFn, load_reward_model
 from palate.reward.routed import RoutedScorer
 
@@ -57,7 +58,6 @@ def load_score_fn(
         return fn
     if source.judge is not None:
         # lazy: palate.feedback's package imports evaluation, which imports palate.reward
-        from palate.feedback.judge import JudgeScorer, load_judge
 
         return JudgeScorer(load_judge(source.judge))
     assert source.model is not None  # RewardSource checks that exactly one is set
