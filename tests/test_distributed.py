@@ -272,7 +272,7 @@ def test_palate_run_launches_its_training_stages_in_two_processes(
     """``launch: {num_processes: 2, config_file: ddp.yaml}``: the reward model and PPO train in
     two processes (accelerate launch; gloo on this CPU), the other stages in the run process;
     a re-run skips them all."""
-    from .test_pipeline import QUICKSTART, tiny_overrides
+    from tests.pipeline.test_pipeline import QUICKSTART, tiny_overrides
 
     out = tmp_path / "run"
     ddp = ROOT / "examples" / "accelerate" / "ddp.yaml"  # the shipped config, 2 processes

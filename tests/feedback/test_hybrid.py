@@ -10,7 +10,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from palate.cli import app
-from tests.test_pipeline import QUICKSTART, last_json, tiny_overrides
+from tests.pipeline.test_pipeline import QUICKSTART, last_json, tiny_overrides
 
 
 def read(path: Path) -> list[dict]:

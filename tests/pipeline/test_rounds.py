@@ -18,8 +18,7 @@ import pytest
 
 from palate.config import load_config
 from palate.pipeline import RunConfig, run_pipeline
-
-from .test_pipeline import QUICKSTART, tiny_overrides
+from tests.pipeline.test_pipeline import QUICKSTART, tiny_overrides
 
 
 def rows(path: Path) -> list[dict]:

@@ -11,8 +11,7 @@ import pytest
 
 from palate.config import load_config
 from palate.pipeline import RunConfig, run_pipeline
-
-from .test_pipeline import QUICKSTART, tiny_overrides
+from tests.pipeline.test_pipeline import QUICKSTART, tiny_overrides
 
 # opposite tastes in length and nothing else: the terse group wants 1 word, the wordy one 12
 # (the tiny model's replies have 1-8), every other part of the rubric off
@@ -116,8 +115,7 @@ def test_per_group_reward_models_learn_their_own_taste(tmp_path: Path) -> None:
     from palate.label.store import PairIn, create_campaign, export_rows
     from palate.raters.simulated import PanelConfig, label_with_panel
     from palate.reward import RewardConfig, load_reward_model, train_reward
-
-    from .test_reward import WORDS
+    from tests.test_reward import WORDS
 
     rng = random.Random(0)
     off = dict(

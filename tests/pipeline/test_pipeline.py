@@ -24,14 +24,14 @@ from palate.data import write_jsonl
 from palate.pipeline import RunConfig, WaitingForLabels, run_pipeline
 from palate.report import PLOTS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 PEOPLE = REPO / "examples" / "people.yaml"
 
 
 def tiny_overrides(out: Path, hh_file: Path, samples_per_prompt: int | None = 4) -> list[str]:
     """The quickstart scaled down to the tiny random model (seconds instead of minutes), in one
-    round (the quickstart runs two; tests/test_rounds.py asks for them);
+    round (the quickstart runs two; tests/pipeline/test_rounds.py asks for them);
     ``samples_per_prompt=None`` keeps the config's own (people.yaml: 2)."""
     samples = (
         [] if samples_per_prompt is None else [f"pairs.samples_per_prompt={samples_per_prompt}"]
