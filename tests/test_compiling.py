@@ -23,7 +23,7 @@ from palate.ppo.critic import ValueHead
 from palate.sampling import MergedCopyEngine, SamplingConfig
 from palate.training import LoraSettings, apply_lora
 
-from .test_ppo import bright, make_cfg
+from .ppo.test_trainer import bright, make_cfg
 from .test_sft import demos
 
 

@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from palate.data import write_jsonl
 from palate.errors import ConfigError
 
-from .test_ppo import bright
-from .test_ppo import sft_policy as sft_policy  # the module-scoped fixture
+from .ppo.test_trainer import bright
+from .ppo.test_trainer import sft_policy as sft_policy  # the module-scoped fixture
 from .test_reward import marker_pairs
 from .test_sft import demos
 

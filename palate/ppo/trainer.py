@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from palate.compiling import compile_layers, wanted
 from palate.data import Prompt, prompt_text, read_records, write_jsonl
@@ -453,9 +454,6 @@ class PPOTrainer:
     def save_weights(self, path: Path) -> None:
         """The policy (adapter or full weights) with its tokenizer, the value head or the
         critic's trainable weights."""
-        # heavy: safetensors' torch bindings load only when weights are written
-        from safetensors.torch import save_file
-
         policy = self.acc.unwrap_model(self.policy)
         policy.save_pretrained(path / "policy", safe_serialization=True)
         self.tok.save_pretrained(path / "policy")
@@ -472,9 +470,6 @@ class PPOTrainer:
     def restore(self, path: Path, blob: dict[str, Any]) -> None:
         """What a checkpoint holds beyond the optimiser, scheduler and RNG state (those are
         restored by :func:`palate.training.resume_training`)."""
-        # heavy: safetensors' torch bindings load only when weights are read
-        from safetensors.torch import load_file
-
         policy = self.acc.unwrap_model(self.policy)
         if self.cfg.finetune == "lora":
             # heavy: loaded only when LoRA is used

@@ -16,7 +16,7 @@ from palate.ppo.rewards import shape_scores
 from palate.rundir import RunDir
 from palate.sft import SFTConfig, sft
 
-from .test_sft import demos
+from ..test_sft import demos
 
 
 def bright(prompts, responses) -> torch.Tensor:
@@ -64,7 +64,7 @@ def make_cfg(tmp_path: Path, policy: tuple[str, str], *overrides: str) -> PPOCon
             f"model={model}",
             f"prompts={prompts}",
             f"output_dir={tmp_path / 'run'}",
-            "reward.function=tests.test_ppo:bright",
+            "reward.function=tests.ppo.test_trainer:bright",
             "sampling.max_new_tokens=16",
             "sampling.temperature=1.0",
             "ppo.batch_size=16",
@@ -386,7 +386,7 @@ def test_decline_bonus_is_a_rule_reward_on_its_criterion(
     import palate.text
 
     monkeypatch.setattr(palate.text, "declines", lambda text: "bright" in text.lower())
-    fn = "reward.function=tests.test_ppo:nothing"
+    fn = "reward.function=tests.ppo.test_trainer:nothing"
     bonus = "reward.decline_bonus={helpfulness: 1.0}"
     ppo(make_cfg(tmp_path, sft_policy, fn, "ppo.updates=12", bonus))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
