@@ -27,6 +27,7 @@ from palate.data import Conversation, Prompt
 from palate.formatting import pad_batch, prompt_ids
 from palate.lm import base_model
 from palate.models import load_merged, load_model
+from palate.progress import progress_bar
 from palate.training import autocast, store_frozen_linears
 
 __all__ = [
@@ -363,6 +364,32 @@ def load_sampler(spec: str, precision: str, device: Any = None) -> tuple[Any, An
     default)."""
     model, tok = load_model(spec, device=device)
     return inference_model(model, precision), tok
+
+
+def sample_with_progress(
+    desc: str,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    sampling: SamplingConfig,
+    *,
+    seed: int,
+    batch_size: int,
+    precision: str,
+) -> list[Generated]:
+    """:func:`generate_responses` from a fresh seed (``torch.manual_seed(seed)``), with a
+    progress bar named ``desc``."""
+    torch.manual_seed(seed)
+    with progress_bar(desc, total=len(prompts)) as bar:
+        return generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            sampling,
+            batch_size=batch_size,
+            precision=precision,
+            on_batch=bar.advance,
+        )
 
 
 def checkpoint_policy(path: Path, base_spec: str, precision: str) -> Any:

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 from scipy.special import comb
 
 from palate.config import Config
-from palate.progress import progress_bar
-from palate.sampling import generate_responses
+from palate.sampling import sample_with_progress
 
 if TYPE_CHECKING:
     from palate.data import Prompt
@@ -213,17 +211,16 @@ def study(
     prompts, samples, ns = prompts[: settings.prompts], settings.samples, settings.ns
 
     each = [p for p in prompts for _ in range(samples)]
-    torch.manual_seed(seed)
-    with progress_bar("best-of-n samples", total=len(each)) as bar:
-        gens = generate_responses(
-            initial,
-            tok,
-            each,
-            sampling,
-            batch_size=batch_size,
-            precision=precision,
-            on_batch=bar.advance,
-        )
+    gens = sample_with_progress(
+        "best-of-n samples",
+        initial,
+        tok,
+        each,
+        sampling,
+        seed=seed,
+        batch_size=batch_size,
+        precision=precision,
+    )
     texts = [g.text for g in gens]
     p_scores = [float(x) for x in proxy(each, texts)]
     g_scores = [float(x) for x in gold(each, texts)]

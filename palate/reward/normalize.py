@@ -19,9 +19,8 @@ import torch
 
 from palate.data import Comparison, Prompt, prompt_text, read_records, read_samples
 from palate.errors import DataError
-from palate.progress import progress_bar
 from palate.reward.config import RewardNormalization
-from palate.sampling import generate_responses, load_sampler
+from palate.sampling import load_sampler, sample_with_progress
 
 __all__ = ["fit_normalisation", "reference_set"]
 
@@ -110,15 +109,14 @@ def _policy_samples(
     rng.shuffle(prompts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_sampler(settings.policy or "", precision, device)
-    torch.manual_seed(seed)
-    with progress_bar("normalise", total=len(prompts)) as bar:
-        gens = generate_responses(
-            model,
-            tok,
-            prompts,
-            settings.sampling,
-            batch_size=settings.batch_size,
-            on_batch=bar.advance,
-            precision=precision,
-        )
+    gens = sample_with_progress(
+        "normalise",
+        model,
+        tok,
+        prompts,
+        settings.sampling,
+        seed=seed,
+        batch_size=settings.batch_size,
+        precision=precision,
+    )
     return prompts, [g.text for g in gens]
