@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.orm import Session
+
+from palate.label.db import open_db
 
 _counter = itertools.count()
 
@@ -92,6 +95,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "labels.db")
     return _fresh_pg(request.getfixturevalue("pg_cluster"))
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Session]:
+    """A session on a fresh database at the newest schema."""
+    factory = open_db(db_url)
+    with factory() as session:
+        yield session
 
 
 @pytest.fixture

@@ -208,7 +208,7 @@ def test_api_flow_and_permissions(setup) -> None:
     assert "rita" in dash and "otto" in dash and "8 / 8 labels" in dash
     # per-source numbers and the judge against the people: alike on the 3 q-pairs; the 4th
     # (neither side has an "A") depends on the orders each was shown (hand-computed in
-    # tests/label/test_store.py)
+    # tests/label/store/test_export.py)
     import html as html_lib
 
     text = re.sub(r"\s+", " ", html_lib.unescape(dash))

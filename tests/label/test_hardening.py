@@ -310,13 +310,13 @@ def test_export_works_for_any_campaign_name(env, name: str) -> None:
 
 
 def test_login_throttling_and_unknown_names_cost_the_same_work(env, monkeypatch) -> None:
-    import palate.label.store as store
+    import palate.label.store.users as users
 
     app, _ = env
     calls: list[str] = []
-    real = store.check_password
+    real = users.check_password
     monkeypatch.setattr(
-        store, "check_password", lambda pw, stored: calls.append(stored or "") or real(pw, stored)
+        users, "check_password", lambda pw, stored: calls.append(stored or "") or real(pw, stored)
     )
     c = TestClient(app)
     page = c.get("/login").text
