@@ -19,11 +19,14 @@ from typing import Any
 from pydantic import Field, model_validator
 from sqlalchemy import select
 
-from palate.data import atomic_write, write_jsonl
+from palate.data import atomic_write, iter_rows, prompt_json, read_records, write_jsonl
 from palate.errors import ConfigError
 from palate.eval.stats import win_rate
 from palate.feedback.config import JudgeSettings
 from palate.feedback.judge import Judge, Verdict, load_judge
+from palate.label.campaign import parse_pairs
+from palate.label.db import Assignment, Campaign, Pair, User, open_db
+from palate.label.store import LabelIn, create_user, flip, next_assignment, submit_label
 
 __all__ = ["JudgeConfig", "judge", "judge_quality", "label_campaign"]
 
@@ -41,8 +44,6 @@ def label_campaign(
     human raters do): user ``judge.name`` (kind ai) is created if missing; every pair it has not
     labelled is judged in one batch, then labelled assignment by assignment, each label with
     its soft label and principle."""
-    from palate.label.db import Assignment, Campaign, Pair, User, open_db
-    from palate.label.store import LabelIn, create_user, flip, next_assignment, submit_label
 
     factory = open_db(db_url)
     start = time.monotonic()
@@ -161,8 +162,6 @@ class JudgeConfig(JudgeSettings):
 
 def _read_file_pairs(cfg: JudgeConfig) -> tuple[list[tuple[Any, str, str]], bool]:
     """(prompt, a, b) triples and whether a is a human's preferred response."""
-    from palate.data import iter_rows, prompt_json, read_records
-    from palate.label.campaign import parse_pairs
 
     assert cfg.pairs is not None
     path = Path(cfg.pairs)

@@ -22,7 +22,14 @@ from palate.data import (
 )
 from palate.errors import ConfigError, DataError
 from palate.label.db import ANSWERS, Answer, Campaign, open_db
-from palate.label.quality import QualitySettings
+from palate.label.quality import (
+    QualitySettings,
+    flagged_raters,
+    group_stats,
+    label_rows,
+    rater_attributes,
+    rater_quality,
+)
 from palate.label.store import (
     MAX_OVERLAP,
     PairIn,
@@ -32,6 +39,8 @@ from palate.label.store import (
     export_rows,
     user_by_name,
 )
+from palate.models import load_model
+from palate.sampling import SamplingConfig, generate_responses
 
 if TYPE_CHECKING:  # torch is imported only when sampling
     from palate.sampling import Generated, SamplingConfig
@@ -150,7 +159,6 @@ def sample_pairs(
 ) -> tuple[list[PairIn], list[Generated]]:
     """Sample k responses per prompt and pair them (:func:`pair_indices`); returns the pairs
     and every generation (for token/EOS statistics)."""
-    from palate.sampling import generate_responses
 
     many = [p for p in prompts for _ in range(k)]
     gens = generate_responses(
@@ -173,8 +181,6 @@ def sample_pairs(
 
 
 def _sampled_pairs(cfg: LabelCreateConfig) -> list[PairIn]:
-    from palate.models import load_model
-    from palate.sampling import SamplingConfig
 
     # LabelCreateConfig's validator guarantees both when `pairs` is not set.
     assert cfg.prompts is not None and cfg.model is not None
@@ -246,7 +252,6 @@ def _campaign(db: Any, cfg_db: str, name: str) -> Campaign:
 
 
 def export_label_campaign(cfg: LabelExportConfig) -> dict[str, Any]:
-    from palate.label.quality import flagged_raters
 
     factory = open_db(cfg.db)
     with factory() as db:
@@ -277,7 +282,6 @@ class LabelQualityConfig(Config):
 def label_quality(cfg: LabelQualityConfig) -> dict[str, Any]:
     """Each rater's gold accuracy, Dawid-Skene reliability, side and speed shares, flags; and
     the rater populations (agreement within and between groups of each attribute)."""
-    from palate.label.quality import group_stats, label_rows, rater_attributes, rater_quality
 
     factory = open_db(cfg.db)
     with factory() as db:

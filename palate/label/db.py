@@ -37,6 +37,8 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from palate.label.migrate import upgrade
+
 __all__ = [
     "ANSWERS",
     "Answer",
@@ -228,7 +230,6 @@ def make_engine(url: str) -> Engine:
 
 def open_db(url: str) -> sessionmaker[Session]:
     """Migrate the database at ``url`` to the newest schema and return a session factory."""
-    from palate.label.migrate import upgrade
 
     engine = make_engine(url)
     upgrade(engine)

@@ -17,7 +17,9 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
 
+from palate.errors import ConfigError
 from palate.label.db import Assignment, Campaign, User, WebSession
+from palate.label.quality import flagged_raters
 from palate.label.store import export_rows, session_of, user_by_token
 
 
@@ -143,12 +145,9 @@ def export_body(
     """The campaign's comparisons as JSONL: votes by majority, or weighted by each rater's
     estimated reliability (``aggregate="reliability"``); ``drop_flagged`` leaves out the
     raters the quality checks flag (:mod:`palate.label.quality`)."""
-    from palate.errors import ConfigError
 
     drop: list[str] = []
     if drop_flagged:
-        from palate.label.quality import flagged_raters
-
         drop = flagged_raters(db, [campaign.id])
     try:
         rows = export_rows(db, campaign, aggregate=aggregate, drop_raters=drop)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from palate.errors import ConfigError
 from palate.label.db import ANSWERS, SOURCES, Campaign, Label, Pair, User
+from palate.label.quality import label_rows, weighted_votes
 
 
 def aggregate(answers: Iterable[str], probs: Sequence[float | None] = ()) -> dict[str, Any]:
@@ -75,8 +76,6 @@ def export_rows(
             labels.setdefault((lab.pair_id, user.kind), []).append(lab)
     posterior: dict[str, dict[int, float]] = {}
     if aggregate == "reliability":
-        from palate.label.quality import label_rows, weighted_votes
-
         all_rows = label_rows(db, [campaign.id])
         kind_of = {u.name: u.kind for u in users.values()}
         for kind in SOURCES:
