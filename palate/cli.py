@@ -30,7 +30,6 @@ from palate.errors import PalateError
 from palate.eval.compare import EvalConfig, compare_policies
 from palate.feedback import CAIConfig, JudgeConfig, cai_revise, judge
 from palate.generate import GenerateConfig, generate
-from palate.label.app import serve as serve_app
 from palate.label.campaign import (
     LabelAccessConfig,
     LabelCreateConfig,
@@ -399,6 +398,9 @@ def serve(
     Set PALATE_SECRET_KEY to keep sessions valid across restarts. GET /healthz answers 200
     while the database is reachable (503 otherwise).
     """
+    from palate.label.app import (
+        serve as serve_app,  # the web app (FastAPI, Jinja2) loads only for `palate serve`
+    )
 
     serve_app(
         db,

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.stats import bootstrap
 
 __all__ = [
     "rate",
@@ -55,6 +53,9 @@ def bootstrap_mean(
     seed: int = 0,
 ) -> dict[str, float]:
     """Mean of per-prompt values with a percentile-bootstrap interval over prompts (scipy)."""
+    from scipy.stats import (
+        bootstrap,  # scipy.stats imports in ~1 s; loaded only when a CI is computed
+    )
 
     x = np.asarray(values, dtype=float)
     if x.size == 0:
@@ -105,6 +106,8 @@ def length_controlled_win_rate(
     are equally long. A policy that only got longer has a raw win rate above ½ and an LC win rate
     near ½. Percentile-bootstrap interval over prompts (refits); a small L2 penalty on b keeps
     the fit finite when length separates wins perfectly."""
+    # scipy.optimize: loaded only for this fit
+    from scipy.optimize import minimize
 
     w = np.asarray(wins, dtype=float)
     delta = np.asarray(len_new, dtype=float) - np.asarray(len_old, dtype=float)

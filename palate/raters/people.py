@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from palate.config import Config
 from palate.errors import ConfigError
-from palate.label.app import create_app
 from palate.label.db import Campaign, User, open_db
 from palate.label.store import create_user, invite_status, issue_invite, progress
 from palate.progress import console, progress_bar
@@ -124,6 +123,10 @@ def serve_until_complete(
     """Serve the labeling app in a background thread until the campaign has every label, with
     a progress bar; ``serving_file`` holds the URL while the app is up."""
     import uvicorn
+
+    from palate.label.app import (
+        create_app,  # the web app (FastAPI, Jinja2) loads only when people are served
+    )
 
     app = create_app(db_url, secret_key=os.environ.get("PALATE_SECRET_KEY"))
     server = uvicorn.Server(
