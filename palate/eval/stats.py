@@ -53,9 +53,8 @@ def bootstrap_mean(
     seed: int = 0,
 ) -> dict[str, float]:
     """Mean of per-prompt values with a percentile-bootstrap interval over prompts (scipy)."""
-    from scipy.stats import (
-        bootstrap,  # scipy.stats imports in ~1 s; loaded only when a CI is computed
-    )
+    # scipy.stats imports in ~1 s; loaded only when a CI is computed
+    from scipy.stats import bootstrap
 
     x = np.asarray(values, dtype=float)
     if x.size == 0:

@@ -124,9 +124,8 @@ def serve_until_complete(
     a progress bar; ``serving_file`` holds the URL while the app is up."""
     import uvicorn
 
-    from palate.label.app import (
-        create_app,  # the web app (FastAPI, Jinja2) loads only when people are served
-    )
+    # the web app (FastAPI, Jinja2) loads only when people are served
+    from palate.label.app import create_app
 
     app = create_app(db_url, secret_key=os.environ.get("PALATE_SECRET_KEY"))
     server = uvicorn.Server(
