@@ -398,9 +398,8 @@ def serve(
     Set PALATE_SECRET_KEY to keep sessions valid across restarts. GET /healthz answers 200
     while the database is reachable (503 otherwise).
     """
-    from palate.label.app import (
-        serve as serve_app,  # the web app (FastAPI, Jinja2) loads only for `palate serve`
-    )
+    # the web app (FastAPI, Jinja2) loads only for `palate serve`
+    from palate.label.app import serve as serve_app
 
     serve_app(
         db,
